@@ -1,0 +1,151 @@
+"""The price of a lowered program: FLOPs, bytes moved, bytes saved for backward, transient peak, kernels, time.
+
+Everything is a small pure function of the steps and their shapes, so the numbers a Plan prints are exactly the
+numbers the search compared. Time is a roofline per step: max(FLOPs / rate, bytes / bandwidth) + launch overhead.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+
+from .device import DeviceProfile
+from .expr import Lowered, Step
+
+MATMUL_OPS = ("mm", "addmm", "linear")
+
+
+def mm_flops(m: int, k: int, n: int) -> int:
+    """FLOPs of an (m x k) @ (k x n) product, counting a multiply-add as two.
+
+    >>> mm_flops(4, 3, 2)
+    48
+    """
+    return 2 * m * k * n
+
+
+def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a dense tensor.
+
+    >>> nbytes((3, 4), torch.bfloat16)
+    24
+    """
+    return math.prod(shape) * dtype.itemsize
+
+
+def is_parameter(name: str) -> bool:
+    """Inputs that are parameters: saving them keeps nothing alive that was not alive anyway."""
+    return name in ("W", "b") or (name[:1] in "AB" and name[1:].isdigit()) or (name[:2] == "lb" and name[2:].isdigit())
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: int  # matmul FLOPs, forward + backward
+    bytes_moved: int  # read + written by every step
+    saved_bytes: int  # activation bytes kept from forward to backward
+    peak_bytes: int  # largest transient working set (excluding inputs and parameters)
+    kernels: int
+    time: float  # estimated seconds, forward + backward
+    forward_flops: int = 0
+    backward_flops: int = 0
+
+    def dominates(self, other: "Cost") -> bool:
+        """No worse on time, saved bytes and peak, and better on one of them."""
+        mine, theirs = (self.time, self.saved_bytes, self.peak_bytes), (other.time, other.saved_bytes, other.peak_bytes)
+        return all(a <= b for a, b in zip(mine, theirs)) and mine != theirs
+
+
+def step_flops(step: Step, shapes: dict[str, tuple[int, ...]]) -> int:
+    if step.op not in MATMUL_OPS:
+        return 0
+    a, b = (step.args[0], step.args[1]) if step.op != "addmm" else (step.args[1], step.args[2])
+    sa, sb = shapes[a], shapes[b]
+    m, k = (sa[1], sa[0]) if step.ta else sa
+    n = sb[0] if (step.tb or step.op == "linear") else sb[1]
+    return mm_flops(m, k, n)
+
+
+def step_bytes(step: Step, low: Lowered) -> int:
+    """Bytes read and written by one step (a mask redraw reads nothing but writes the mask)."""
+    reads = sum(nbytes(low.shapes[a], low.dtypes[a]) for a in step.args if step.op not in ("rng_state", "redraw_mask"))
+    return reads + nbytes(low.shapes[step.out], low.dtypes[step.out])
+
+
+def step_kernels(step: Step) -> int:
+    if step.op == "rng_state":
+        return 0
+    extra = step.op in ("mm", "sum_rows") and step.alpha != 1.0  # scaling is a second pass
+    return 1 + int(extra) + int(step.op == "pack_bits")
+
+
+def step_time(step: Step, low: Lowered, profile: DeviceProfile) -> float:
+    flops = step_flops(step, low.shapes)
+    dtype = low.dtypes[step.args[0] if step.op != "addmm" else step.args[1]]
+    t = step_bytes(step, low) / profile.bandwidth
+    if flops:
+        dims = [d for name in step.args[:3] for d in low.shapes[name] if len(low.shapes[name]) == 2]
+        t = max(t, flops / profile.rate(dtype, min(dims)))
+    return t + step_kernels(step) * profile.launch_overhead
+
+
+def dataflow(low: Lowered) -> nx.DiGraph:
+    """Tensors as nodes ("f:x", "b:Z0": forward and backward have separate namespaces, linked through the saved
+    set), an edge from each argument of a step to its result. Raises if the program reads what nothing made."""
+    g = nx.DiGraph()
+    made = {"f": set(low.shapes) - {s.out for s in low.forward + low.backward} - {"G"}, "b": {"G"}}
+    made["b"] |= set(low.saved) | {n for n in made["f"]}  # inputs and parameters reach backward too
+    for phase, steps in (("f", low.forward), ("b", low.backward)):
+        for s in steps:
+            for a in s.args:
+                if phase == "b" and a in made["b"] and not g.has_node(f"b:{a}"):
+                    src = f"f:{a}"
+                elif a in made[phase] or g.has_node(f"{phase}:{a}"):
+                    src = f"{phase}:{a}"
+                else:
+                    raise ValueError(f"step {s.out} = {s.formula()} reads {a!r}, which nothing computed or saved")
+                g.add_edge(src, f"{phase}:{s.out}")
+            g.add_node(f"{phase}:{s.out}")
+    return g
+
+
+def _peak(steps: list[Step], low: Lowered, live_from_start: list[str], keep: set[str]) -> int:
+    """Largest sum of live intermediate bytes while running `steps` in order; `keep` outlives its last use."""
+    last_use = {}
+    for idx, s in enumerate(steps):
+        for a in s.args:
+            last_use[a] = idx
+    live = {n: nbytes(low.shapes[n], low.dtypes[n]) for n in live_from_start}
+    peak = sum(live.values())
+    for idx, s in enumerate(steps):
+        live[s.out] = nbytes(low.shapes[s.out], low.dtypes[s.out])
+        peak = max(peak, sum(live.values()))
+        for a in s.args:
+            if last_use.get(a) == idx and a in live and a not in keep:
+                del live[a]
+    return peak
+
+
+def saved_bytes(low: Lowered) -> int:
+    return sum(nbytes(low.shapes[n], low.dtypes[n]) for n in low.saved if not is_parameter(n))
+
+
+def price(low: Lowered, profile: DeviceProfile) -> Cost:
+    """Every cost of one lowered program on one device profile."""
+    dataflow(low)
+    steps = low.forward + low.backward
+    fwd_flops = sum(step_flops(s, low.shapes) for s in low.forward)
+    bwd_flops = sum(step_flops(s, low.shapes) for s in low.backward)
+    saved_acts = [n for n in low.saved if not is_parameter(n)]
+    return Cost(
+        flops=fwd_flops + bwd_flops,
+        bytes_moved=sum(step_bytes(s, low) for s in steps),
+        saved_bytes=saved_bytes(low),
+        peak_bytes=max(_peak(low.forward, low, [], set(low.saved) | {low.output}),
+                       _peak(low.backward, low, saved_acts, set(low.grads.values()))),
+        kernels=sum(step_kernels(s) for s in steps),
+        time=sum(step_time(s, low, profile) for s in steps),
+        forward_flops=fwd_flops,
+        backward_flops=bwd_flops,
+    )

@@ -1,0 +1,525 @@
+"""The algebra of one LoRA site: the problem (`SiteSpec`), the choices (`Program`) and the steps they imply.
+
+A site computes ``y = x W^T + b + sum_k s_k * (drop_k(x) A_k^T B_k^T + lb_k)``. Every `Program` is one way to
+evaluate that and its joint backward; `enumerate_programs` generates the whole space from a handful of
+independent choices (the order of each contraction, what crosses from forward to backward) instead of a
+hand-written list, and `build_steps` lowers a program to the step list that `kernels.executor` runs and
+`planner.cost` prices. Steps are created on demand, so an intermediate shared by two gradients (``G B`` for dA
+and dX, ``G^T x_d`` for dA and dB) is computed once, and nothing is computed or saved for a gradient that
+nobody needs.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Literal
+
+import torch
+
+ForwardOrder = Literal["chain", "merged"]
+GradAOrder = Literal["zx", "bt"]  # dA = s (G B)^T x_d   |   dA = s B^T (G^T x_d)
+GradBOrder = Literal["gu", "ta"]  # dB = s G^T (x_d A^T) |   dB = s (G^T x_d) A^T
+GradXOrder = Literal["split", "merged"]  # dX = G W + sum s (G B) A (.)m   |   dX = G (W + sum s B A)
+MaskStore = Literal["bool", "bits", "seed", "dense", "none"]
+
+MASK_STORES: tuple[str, ...] = ("bool", "bits", "seed")  # searched; "dense" is what torch's dropout saves
+RNG_STATE_BYTES = 5056  # torch's CPU generator state (a CUDA/Philox state is 16 bytes)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter of a site as the planner sees it."""
+
+    rank: int
+    scale: float = 1.0
+    dropout: float = 0.0
+    lora_bias: bool = False
+    grad_a: bool = True
+    grad_b: bool = True
+    grad_lora_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"adapter rank must be a positive integer, got {self.rank!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"adapter dropout p must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Everything the plan of one site depends on. N is the only field that changes between calls."""
+
+    n: int  # rows of x once its leading dims are flattened
+    in_features: int
+    out_features: int
+    adapters: tuple[AdapterSpec, ...]
+    bias: bool = False
+    dtype: torch.dtype = torch.float32  # base weight (and input) dtype
+    adapter_dtype: torch.dtype | None = None  # None: same as dtype
+    grad_x: bool = True
+    grad_bias: bool = False
+    training: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("n", "in_features", "out_features"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "n" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'n' else 'positive'} integer, got {value!r}")
+        if not self.adapters:
+            raise ValueError("a LoRA site needs at least one adapter")
+        for dt in (self.dtype, self.adapter_dtype):
+            if dt is not None and not dt.is_floating_point:
+                raise ValueError(f"LoRA sites need floating dtypes, got {dt}")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.adapter_dtype or self.dtype
+
+    @property
+    def casts(self) -> bool:
+        """peft casts x to the adapters' dtype and sums in the promoted dtype (fp32 adapters over bf16)."""
+        return self.compute_dtype != self.dtype
+
+    def drops(self, k: int) -> bool:
+        return self.training and self.adapters[k].dropout > 0.0
+
+    @property
+    def any_dropout(self) -> bool:
+        return any(self.drops(k) for k in range(len(self.adapters)))
+
+    @property
+    def merge_valid(self) -> bool:
+        """x (W + sum s B A)^T equals the chain only when every adapter reads the very same x as the base."""
+        return not self.any_dropout and not self.casts
+
+    def with_n(self, n: int) -> "SiteSpec":
+        return replace(self, n=n)
+
+
+@dataclass(frozen=True)
+class Program:
+    """One member of the plan space. Per-adapter choices apply to every adapter of the site alike."""
+
+    forward: ForwardOrder = "chain"
+    grad_a: GradAOrder = "zx"
+    grad_b: GradBOrder = "gu"
+    grad_x: GradXOrder = "split"
+    keep_u: bool = True  # save x_d A^T from forward (else recompute it in backward)
+    keep_xd: bool = True  # save x_d itself (else save x and re-apply the mask)
+    mask: MaskStore = "bool"
+    keep_merged: bool = False  # save W + sum s B A from forward (else rebuild it in backward)
+
+    @property
+    def key(self) -> str:
+        """Short stable name, e.g. ``chain/zx.gu.split/u+xd+bool``."""
+        saved = [s for s, on in (("u", self.keep_u), ("xd", self.keep_xd), ("m", self.keep_merged)) if on]
+        mask = [] if self.mask == "none" else [self.mask]
+        return f"{self.forward}/{self.grad_a}.{self.grad_b}.{self.grad_x}/{'+'.join(saved + mask) or '-'}"
+
+
+STOCK = Program()  # what peft / autograd does: chain forward, saves x_d, x_d A^T and torch's dense dropout noise
+STOCK_DROPOUT_MASK: MaskStore = "dense"
+
+
+def stock_program(spec: SiteSpec) -> Program:
+    """The program that peft's layer runs under autograd, written in this algebra (the budget's reference)."""
+    return canonical(spec, replace(STOCK, mask=STOCK_DROPOUT_MASK))
+
+
+def needs(spec: SiteSpec) -> dict[str, bool]:
+    """Which gradients exist at all: the pruning that makes LoRA-FA and frozen inputs cheap."""
+    ads = spec.adapters
+    return {
+        "x": spec.grad_x,
+        "A": any(a.grad_a for a in ads),
+        "B": any(a.grad_b for a in ads),
+        "lb": any(a.lora_bias and a.grad_lora_bias for a in ads),
+        "b": spec.bias and spec.grad_bias,
+    }
+
+
+def canonical(spec: SiteSpec, p: Program) -> Program:
+    """Collapse choices that make no difference for this spec, so each distinct program appears once."""
+    need = needs(spec)
+    if not need["A"]:
+        p = replace(p, grad_a="zx")
+    if not need["B"]:
+        p = replace(p, grad_b="gu")
+    if not need["B"] or p.grad_b != "gu":
+        p = replace(p, keep_u=False)
+    if not need["x"]:
+        p = replace(p, grad_x="split")
+    if p.grad_x != "merged":
+        p = replace(p, keep_merged=False)
+    uses_xd = need["A"] or (need["B"] and (p.grad_b == "ta" or not p.keep_u))
+    if not spec.any_dropout:
+        # without dropout x_d is x (or its cast): "keep x_d" only matters when a cast makes it a new tensor
+        p = replace(p, mask="none")
+        if not spec.casts or not uses_xd:
+            p = replace(p, keep_xd=True)
+    else:
+        mask_needed = need["x"] or (uses_xd and not p.keep_xd)
+        if not mask_needed:
+            p = replace(p, mask="none")
+        if not uses_xd:
+            p = replace(p, keep_xd=True)
+    return p
+
+
+def valid(spec: SiteSpec, p: Program) -> bool:
+    """Whether a program computes the site exactly (up to rounding)."""
+    if (p.forward == "merged" or p.grad_x == "merged") and not spec.merge_valid:
+        return False
+    return True
+
+
+def enumerate_programs(spec: SiteSpec) -> Iterator[Program]:
+    """Every distinct valid program for `spec`: the product of the independent choices, canonicalised."""
+    seen: set[Program] = set()
+    choices = itertools.product(
+        ("chain", "merged"), ("zx", "bt"), ("gu", "ta"), ("split", "merged"),
+        (True, False), (True, False), MASK_STORES, (True, False),
+    )
+    for combo in choices:
+        p = canonical(spec, Program(*combo))
+        if p not in seen and valid(spec, p):
+            seen.add(p)
+            yield p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lowering a program to steps.
+
+
+@dataclass(frozen=True)
+class Step:
+    """One operation of a program. `args` name tensors in the run's environment.
+
+    ops: linear (a @ w^T + bias), mm (alpha op(a) @ op(b)), addmm (acc + alpha op(a) @ op(b)), cast,
+    draw_mask (torch's dropout noise, RNG-identical to F.dropout), rng_state, redraw_mask, mul, scale,
+    to_bool, from_bool, pack_bits, unpack_bits, axpy (a + alpha b, broadcast), sum_rows (alpha * sum over N).
+    """
+
+    op: str
+    out: str
+    args: tuple[str, ...]
+    alpha: float = 1.0
+    ta: bool = False
+    tb: bool = False
+    p: float = 0.0  # dropout probability for mask ops
+    dtype: torch.dtype | None = None  # cast target / mask dtype
+
+    def formula(self) -> str:
+        """The step as algebra, e.g. ``W + 2·B0 A0`` (what Plan tables print)."""
+        a = self.args + ("",) * (3 - len(self.args))  # every entry below is built, so pad the short ones
+        s = "" if self.alpha == 1.0 else f"{self.alpha:g}·"
+        keep = f"/(1-{self.p:g})"
+        if self.op in ("mm", "addmm"):
+            x, y = _t(self.args[-2], self.ta), _t(self.args[-1], self.tb)
+            return f"{a[0]} + {s}{x} {y}" if self.op == "addmm" else f"{s}{x} {y}"
+        text = {
+            "linear": f"{a[0]} {a[1]}^T" + (f" + {a[2]}" if a[2] else ""),
+            "cast": f"{a[0]}.to({str(self.dtype).replace('torch.', '')})",
+            "draw_mask": f"bernoulli(1-{self.p:g}){keep} like {a[0]}",
+            "rng_state": f"rng state before drawing for {a[0]}",
+            "redraw_mask": f"bernoulli(1-{self.p:g}){keep} redrawn from {a[0]}",
+            "mul": f"{a[0]} ⊙ {a[1]}",
+            "scale": f"{s}{a[0]}",
+            "to_bool": f"{a[0]} != 0",
+            "from_bool": f"{a[0]}{keep}",
+            "pack_bits": f"bits({a[0]} != 0)",
+            "unpack_bits": f"unbits({a[0]}){keep}",
+            "axpy": f"{a[0]} + {s}{a[1]}",
+            "sum_rows": f"{s}Σ_N {a[0]}",
+        }
+        return text[self.op]
+
+
+def _t(name: str, t: bool) -> str:
+    return f"{name}^T" if t else name
+
+
+@dataclass
+class Lowered:
+    """A program as steps: forward steps, the names saved for backward, backward steps, gradient names."""
+
+    forward: list[Step]
+    saved: list[str]
+    backward: list[Step]
+    grads: dict[str, str]  # input name -> name of its gradient in the backward environment
+    output: str = "y"
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+
+
+class _Lowering:
+    """Builds steps on demand with memoisation: asking twice for ``Z0`` emits its step once."""
+
+    def __init__(self, spec: SiteSpec, program: Program):
+        self.spec, self.p = spec, program
+        self.steps: list[Step] = []
+        self.known: set[str] = set()
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        n, i, o = spec.n, spec.in_features, spec.out_features
+        bd, ad = spec.dtype, spec.compute_dtype
+        self._input("x", (n, i), bd)
+        self._input("W", (o, i), bd)
+        if spec.bias:
+            self._input("b", (o,), bd)
+        for k, a in enumerate(spec.adapters):
+            self._input(f"A{k}", (a.rank, i), ad)
+            self._input(f"B{k}", (o, a.rank), ad)
+            if a.lora_bias:
+                self._input(f"lb{k}", (o,), ad)
+
+    def _input(self, name, shape, dtype):
+        self.known.add(name)
+        self.shapes[name], self.dtypes[name] = shape, dtype
+
+    def emit(self, step: Step, shape: tuple[int, ...], dtype: torch.dtype) -> str:
+        if step.out not in self.known:
+            self.steps.append(step)
+            self.known.add(step.out)
+            self.shapes[step.out], self.dtypes[step.out] = shape, dtype
+        return step.out
+
+    # -- shared pieces ---------------------------------------------------------------------------------------
+    def xa(self) -> str:
+        """x in the adapters' dtype (peft's input cast)."""
+        if not self.spec.casts:
+            return "x"
+        return self.emit(Step("cast", "xa", ("x",), dtype=self.spec.compute_dtype), self.shapes["x"], self.spec.compute_dtype)
+
+    def mm(self, out, a, b, ta=False, tb=False, alpha=1.0) -> str:
+        sa, sb = self.shapes[a], self.shapes[b]
+        m = sa[1] if ta else sa[0]
+        n = sb[0] if tb else sb[1]
+        return self.emit(Step("mm", out, (a, b), alpha=alpha, ta=ta, tb=tb), (m, n), self.dtypes[a])
+
+    def addmm(self, out, acc, a, b, ta=False, tb=False, alpha=1.0) -> str:
+        return self.emit(Step("addmm", out, (acc, a, b), alpha=alpha, ta=ta, tb=tb), self.shapes[acc], self.dtypes[acc])
+
+
+class _Forward(_Lowering):
+    def dropout_mask(self, k: int) -> str:
+        """torch's dropout noise for adapter k: 0 or 1/(1-p) in x's adapter dtype, drawn like F.dropout."""
+        p = self.spec.adapters[k].dropout
+        xa = self.xa()
+        if self.p.mask == "seed":
+            self.emit(Step("rng_state", f"rng{k}", (xa,)), (RNG_STATE_BYTES,), torch.uint8)
+        return self.emit(Step("draw_mask", f"md{k}", (xa,), p=p, dtype=self.spec.compute_dtype), self.shapes[xa], self.spec.compute_dtype)
+
+    def xd(self, k: int) -> str:
+        if not self.spec.drops(k):
+            return self.xa()
+        md = self.dropout_mask(k)
+        return self.emit(Step("mul", f"xd{k}", (self.xa(), md)), self.shapes["x"], self.spec.compute_dtype)
+
+    def u(self, k: int) -> str:
+        return self.mm(f"U{k}", self.xd(k), f"A{k}", tb=True)
+
+    def merged_weight(self) -> str:
+        acc = "W"
+        for k, a in enumerate(self.spec.adapters):
+            acc = self.addmm(f"M{k}" if k < len(self.spec.adapters) - 1 else "M", acc, f"B{k}", f"A{k}", alpha=a.scale)
+        return acc
+
+    def total_bias(self) -> str | None:
+        acc = "b" if self.spec.bias else None
+        for k, a in enumerate(self.spec.adapters):
+            if a.lora_bias:
+                if acc is None:
+                    acc = self.emit(Step("scale", f"bt{k}", (f"lb{k}",), alpha=a.scale), (self.spec.out_features,), self.spec.dtype)
+                else:
+                    acc = self.emit(Step("axpy", f"bt{k}", (acc, f"lb{k}"), alpha=a.scale), (self.spec.out_features,), self.spec.dtype)
+        return acc
+
+    def output(self) -> str:
+        spec, n, o = self.spec, self.spec.n, self.spec.out_features
+        if self.p.forward == "merged":
+            bias = self.total_bias()
+            args = ("x", self.merged_weight()) + ((bias,) if bias else ())
+            return self.emit(Step("linear", "y", args), (n, o), spec.dtype)
+        # chain: draw every adapter's mask first, in adapter order, exactly as peft consumes the RNG
+        xds = [self.xd(k) for k in range(len(spec.adapters))]
+        acc = self.emit(Step("linear", "yb", ("x", "W") + (("b",) if spec.bias else ())), (n, o), spec.dtype)
+        if spec.casts:
+            acc = self.emit(Step("cast", "yc", (acc,), dtype=spec.compute_dtype), (n, o), spec.compute_dtype)
+        for k, a in enumerate(spec.adapters):
+            u = self.mm(f"U{k}", xds[k], f"A{k}", tb=True)
+            acc = self.addmm(f"y{k}", acc, u, f"B{k}", tb=True, alpha=a.scale)
+            if a.lora_bias:
+                acc = self.emit(Step("axpy", f"yl{k}", (acc, f"lb{k}"), alpha=a.scale), (n, o), spec.compute_dtype)
+        if spec.casts:
+            acc = self.emit(Step("cast", "yo", (acc,), dtype=spec.dtype), (n, o), spec.dtype)
+        return acc
+
+
+def build_steps(spec: SiteSpec, program: Program) -> Lowered:
+    """Lower `program` for `spec`: forward steps, saved names, backward steps and the gradients' names."""
+    if not valid(spec, program):
+        raise ValueError(f"program {program.key} is not valid for this site (dropout or dtype cast prevents merging)")
+    fwd = _Forward(spec, program)
+    y = fwd.output()
+    bwd = _Backward(spec, program, fwd)
+    grads = bwd.gradients()
+    forward_steps = fwd.steps  # _Backward appended forward-only producers (saved tensors) through fwd.emit
+    return Lowered(forward_steps, bwd.saved, bwd.steps, grads, output=y,
+                   shapes={**fwd.shapes, **bwd.shapes}, dtypes={**fwd.dtypes, **bwd.dtypes})
+
+
+class _Backward(_Lowering):
+    """Backward steps. A tensor the program keeps is taken from forward (emitted there if forward lacks it)."""
+
+    def __init__(self, spec: SiteSpec, program: Program, fwd: _Forward):
+        super().__init__(spec, program)
+        self.fwd = fwd
+        self.saved: list[str] = []
+        self.known.discard("x")  # x reaches backward only if the program keeps it
+        self._input("G", (spec.n, spec.out_features), spec.dtype)
+
+    def keep(self, name: str) -> str:
+        """Take `name` from forward (computing it there if forward did not), and mark it saved."""
+        if name not in self.saved:
+            self.saved.append(name)
+        self._input(name, self.fwd.shapes[name], self.fwd.dtypes[name])
+        return name
+
+    def ga(self) -> str:
+        if not self.spec.casts:
+            return "G"
+        return self.emit(Step("cast", "Ga", ("G",), dtype=self.spec.compute_dtype), self.shapes["G"], self.spec.compute_dtype)
+
+    def xa(self) -> str:
+        self.keep("x")
+        return super().xa()
+
+    def mask(self, k: int) -> str:
+        """The dense dropout noise of adapter k in backward, rebuilt from however the program stored it."""
+        spec, p = self.spec, self.spec.adapters[k].dropout
+        dt, shape = spec.compute_dtype, self.fwd.shapes["x"]
+        name = f"md{k}"
+        if name in self.known:
+            return name
+        store = self.p.mask
+        if store == "dense":
+            self.fwd.dropout_mask(k)
+            return self.keep(name)
+        if store == "seed":
+            self.fwd.dropout_mask(k)
+            self.keep(f"rng{k}")
+            return self.emit(Step("redraw_mask", name, (f"rng{k}",), p=p, dtype=dt), shape, dt)
+        fmd = self.fwd.dropout_mask(k)
+        if store == "bool":
+            self.fwd.emit(Step("to_bool", f"mb{k}", (fmd,)), shape, torch.bool)
+            self.keep(f"mb{k}")
+            return self.emit(Step("from_bool", name, (f"mb{k}",), p=p, dtype=dt), shape, dt)
+        nbytes = (shape[0] * shape[1] + 7) // 8
+        self.fwd.emit(Step("pack_bits", f"mp{k}", (fmd,)), (nbytes,), torch.uint8)
+        self.keep(f"mp{k}")
+        return self.emit(Step("unpack_bits", name, (f"mp{k}",), p=p, dtype=dt), shape, dt)
+
+    def xd(self, k: int) -> str:
+        if self.p.keep_xd:
+            return self.keep(self.fwd.xd(k))
+        if not self.spec.drops(k):
+            return self.xa()
+        return self.emit(Step("mul", f"xd{k}", (self.xa(), self.mask(k))), self.fwd.shapes["x"], self.spec.compute_dtype)
+
+    def z(self, k: int) -> str:
+        return self.mm(f"Z{k}", self.ga(), f"B{k}")
+
+    def t(self, k: int) -> str:
+        return self.mm(f"T{k}", self.ga(), self.xd(k), ta=True)
+
+    def u(self, k: int) -> str:
+        if self.p.keep_u:
+            self.fwd.u(k)
+            return self.keep(f"U{k}")
+        return self.mm(f"U{k}", self.xd(k), f"A{k}", tb=True)
+
+    def merged_weight(self) -> str:
+        if self.p.keep_merged:
+            self.fwd.merged_weight()
+            return self.keep("M")
+        acc = "W"
+        for k, a in enumerate(self.spec.adapters):
+            acc = self.addmm(f"M{k}" if k < len(self.spec.adapters) - 1 else "M", acc, f"B{k}", f"A{k}", alpha=a.scale)
+        return acc
+
+    def gradients(self) -> dict[str, str]:
+        spec, p, grads = self.spec, self.p, {}
+        for k, a in enumerate(spec.adapters):
+            if a.grad_a:
+                if p.grad_a == "zx":
+                    grads[f"A{k}"] = self.mm(f"dA{k}", self.z(k), self.xd(k), ta=True, alpha=a.scale)
+                else:
+                    grads[f"A{k}"] = self.mm(f"dA{k}", f"B{k}", self.t(k), ta=True, alpha=a.scale)
+            if a.grad_b:
+                if p.grad_b == "gu":
+                    grads[f"B{k}"] = self.mm(f"dB{k}", self.ga(), self.u(k), ta=True, alpha=a.scale)
+                else:
+                    grads[f"B{k}"] = self.mm(f"dB{k}", self.t(k), f"A{k}", tb=True, alpha=a.scale)
+            if a.lora_bias and a.grad_lora_bias:
+                grads[f"lb{k}"] = self.emit(Step("sum_rows", f"dlb{k}", (self.ga(),), alpha=a.scale), (spec.out_features,), spec.compute_dtype)
+        if spec.bias and spec.grad_bias:
+            grads["b"] = self.emit(Step("sum_rows", "db", ("G",)), (spec.out_features,), spec.dtype)
+        if spec.grad_x:
+            grads["x"] = self.grad_x()
+        return grads
+
+    def grad_x(self) -> str:
+        spec, n, i = self.spec, self.spec.n, self.spec.in_features
+        if self.p.grad_x == "merged":
+            return self.mm("dx", "G", self.merged_weight())
+        dx = self.mm("dxb", "G", "W")
+        low = None
+        for k, a in enumerate(spec.adapters):
+            if not spec.drops(k) and not spec.casts:
+                dx = self.addmm(f"dx{k}", dx, self.z(k), f"A{k}", alpha=a.scale)
+                continue
+            part = self.mm(f"dl{k}", self.z(k), f"A{k}", alpha=a.scale)
+            if spec.drops(k):
+                part = self.emit(Step("mul", f"dm{k}", (part, self.mask(k))), (n, i), spec.compute_dtype)
+            low = part if low is None else self.emit(Step("axpy", f"ds{k}", (low, part)), (n, i), spec.compute_dtype)
+        if low is not None:
+            if spec.casts:
+                low = self.emit(Step("cast", "dlc", (low,), dtype=spec.dtype), (n, i), spec.dtype)
+            dx = self.emit(Step("axpy", "dx", (dx, low)), (n, i), spec.dtype)
+        return dx
+
+
+def expressions(low: Lowered) -> dict[str, str]:
+    """The output and every gradient as a tree over the inputs alone: intermediate names (and scales) erased, so
+    two programs compare by what they compute and in which order, e.g. ``dA0: mm(tr(mm(G,B0)),x)``."""
+    forward = {s.out: s for s in low.forward}
+
+    def expand(name: str, phase_defs: dict[str, Step], fallback: dict[str, Step]) -> str:
+        step = phase_defs.get(name) or fallback.get(name)
+        if step is None:
+            return name
+        defs = phase_defs if name in phase_defs else fallback
+        sub = [expand(a, defs, forward) for a in step.args]
+        tr = lambda e, t: f"tr({e})" if t else e  # noqa: E731
+        if step.op == "linear":
+            e = f"mm({sub[0]},tr({sub[1]}))"
+            return f"add({e},{sub[2]})" if len(sub) > 2 else e
+        if step.op == "mm":
+            return f"mm({tr(sub[0], step.ta)},{tr(sub[1], step.tb)})"
+        if step.op == "addmm":
+            return f"add({sub[0]},mm({tr(sub[1], step.ta)},{tr(sub[2], step.tb)}))"
+        if step.op in ("cast", "scale"):
+            return sub[0]
+        return f"{step.op}({','.join(sub)})"
+
+    out = {"y": expand(low.output, forward, {})}
+    for grad_of, name in low.grads.items():
+        # backward names may shadow forward ones (a mask rebuilt, M recomputed): resolve in backward order
+        upto = {}
+        for s in low.backward:
+            upto[s.out] = s
+            if s.out == name:
+                break
+        out["d" + grad_of] = expand(name, upto, forward)
+    return out
