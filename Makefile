@@ -14,8 +14,8 @@ $(PY):
 
 # torch first, pinned, so that resolving the project never pulls another (CUDA) build.
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" $(TORCH_SPEC)
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -3,16 +3,21 @@
 `LoraLinearRunner` holds what does not change between calls (scales, dropout, bias layout, search options) and
 chooses the plan at call time from the actual N, dtypes, device, grad flags and training flag, so dynamic shapes
 and generation never run a plan made for another N. Plans are cached by `planner.search`.
+
+A few small hooks (`base_shape`, `base_dtype`, `quant_spec`, `constants`, `check_base`, `accepts`) are all that
+`kernels.qlora.QLoraLinearRunner` overrides to run the same node over a bitsandbytes 4-bit base.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..planner.cost import is_parameter
 from ..planner.device import get_profile
-from ..planner.expr import AdapterSpec, SiteSpec
+from ..planner.expr import AdapterSpec, QuantSpec, SiteSpec
 from ..planner.plan import Plan
 from ..planner.search import SearchOptions, search
 from .executor import run
@@ -25,35 +30,43 @@ class AdapterConfig:
     lora_bias: bool = False
 
 
-def _input_names(plan: Plan) -> list[str]:
-    names = ["x", "W"] + (["b"] if plan.spec.bias else [])
-    for k, a in enumerate(plan.spec.adapters):
-        names += [f"A{k}", f"B{k}"] + ([f"lb{k}"] if a.lora_bias else [])
+def input_names(bias: bool, lora_biases: list[bool]) -> list[str]:
+    """The order in which a site's tensors are passed: x, W, b?, then A_k, B_k, lb_k? per adapter."""
+    names = ["x", "W"] + (["b"] if bias else [])
+    for k, lb in enumerate(lora_biases):
+        names += [f"A{k}", f"B{k}"] + ([f"lb{k}"] if lb else [])
     return names
 
 
+def _input_names(plan: Plan) -> list[str]:
+    return input_names(plan.spec.bias, [a.lora_bias for a in plan.spec.adapters])
+
+
 class PlannedLoraFunction(torch.autograd.Function):
-    """Forward and joint backward of one site as its Plan says; saves exactly the Plan's saved set."""
+    """Forward and joint backward of one site as its Plan says; saves exactly the Plan's saved set.
+
+    `constants` are non-tensor inputs of the steps that stay alive anyway (a 4-bit weight's quant state, "qs").
+    """
 
     @staticmethod
-    def forward(ctx, plan: Plan, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, plan: Plan, constants: dict[str, Any], *inputs: torch.Tensor) -> torch.Tensor:
         low = plan.lowered
         names = _input_names(plan)
-        env = run(low.forward, dict(zip(names, inputs)), low.shapes)
+        env = run(low.forward, {**constants, **dict(zip(names, inputs))}, low.shapes)
         params = [n for n in names if is_parameter(n)]
         acts = [n for n in low.saved if not is_parameter(n)]
-        ctx.plan, ctx.saved_names = plan, acts + params
+        ctx.plan, ctx.saved_names, ctx.constants = plan, acts + params, constants
         ctx.save_for_backward(*[env[n] for n in acts + params])
         return env[low.output]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         plan, low = ctx.plan, ctx.plan.lowered
-        env = dict(zip(ctx.saved_names, ctx.saved_tensors))
+        env = {**ctx.constants, **dict(zip(ctx.saved_names, ctx.saved_tensors))}
         env["G"] = grad.contiguous()
         env = run(low.backward, env, low.shapes)
         grads = [env[low.grads[n]] if n in low.grads else None for n in _input_names(plan)]
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 class LoraLinearRunner:
@@ -65,20 +78,61 @@ class LoraLinearRunner:
         self.adapters = tuple(adapters)
         self.options = options
 
-    def spec_for(self, x: torch.Tensor, weight: torch.Tensor, bias, adapters, training: bool) -> SiteSpec:
-        """The SiteSpec of this call; raises ValueError on inconsistent shapes or dtypes."""
+    # -- hooks: what a dense base looks like (kernels.qlora overrides these for a 4-bit base) -----------------
+    def base_shape(self, weight: torch.Tensor) -> tuple[int, int]:
+        """(out_features, in_features) of the base weight."""
+        return tuple(weight.shape)  # type: ignore[return-value]
+
+    def base_dtype(self, weight: torch.Tensor) -> torch.dtype:
+        """The site's input and result dtype."""
+        return weight.dtype
+
+    def quant_spec(self) -> QuantSpec | None:
+        """The 4-bit format of the base weight; None for a dense base."""
+        return None
+
+    def constants(self) -> dict[str, Any]:
+        """Non-tensor inputs of the steps (a 4-bit weight's quant state), read at call time."""
+        return {}
+
+    def check_base(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """ValueError when x, the base weight and bias do not fit together."""
         if weight.dim() != 2:
             raise ValueError(f"base weight must be 2-D (out x in), got shape {tuple(weight.shape)}")
-        o, i = weight.shape
-        if x.shape[-1] != i:
-            raise ValueError(f"input has {x.shape[-1]} features but the base weight expects {i}")
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"input has {x.shape[-1]} features but the base weight expects {weight.shape[1]}")
         if x.dtype != weight.dtype:
             raise ValueError(f"input dtype {x.dtype} differs from the base weight dtype {weight.dtype}")
+
+    def accepts(self, x: torch.Tensor, weight: torch.Tensor, module: torch.nn.Module | None = None) -> bool:
+        """Whether a call with input `x` is one this runner was planned for (a cheap per-call check; the owning
+        `module` lets a 4-bit runner defer to bitsandbytes' own inference kernel)."""
+        return x.dtype == weight.dtype and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
+
+    def with_adapters(self, adapters: tuple[AdapterConfig, ...]) -> "LoraLinearRunner":
+        """The same runner for other adapter configs."""
+        other = copy.copy(self)
+        other.adapters = tuple(adapters)
+        return other
+
+    # -- planning ---------------------------------------------------------------------------------------------
+    def spec_for(self, x: torch.Tensor, weight: torch.Tensor, bias, adapters, training: bool) -> SiteSpec:
+        """The SiteSpec of this call, grad flags read from the tensors; ValueError on bad shapes or dtypes."""
+        self.check_base(x, weight, bias)
+        on = torch.is_grad_enabled()
+        if weight.requires_grad and on:
+            raise ValueError("the base weight requires grad; a planned LoRA site needs a frozen base")
+        flags = [on and x.requires_grad, False] + ([on and bias.requires_grad] if bias is not None else [])
+        flags += [on and t is not None and t.requires_grad for ad in adapters for t in ad if t is not None]
+        return self.spec_from(x.numel() // self.base_shape(weight)[1], weight, bias, adapters, training, flags)
+
+    def spec_from(self, n, weight: torch.Tensor, bias, adapters, training: bool, grads: list[bool]) -> SiteSpec:
+        """The SiteSpec for N rows with explicit grad flags, aligned with `input_names` (x, W, b, A0, B0, lb0...)."""
+        o, i = self.base_shape(weight)
+        dtype = self.base_dtype(weight)
         if len(adapters) != len(self.adapters):
             raise ValueError(f"expected {len(self.adapters)} adapters, got {len(adapters)}")
-        grad_on = torch.is_grad_enabled()
-        if weight.requires_grad and grad_on:
-            raise ValueError("the base weight requires grad; a planned LoRA site needs a frozen base")
+        flags = dict(zip(input_names(bias is not None, [lb is not None for _, _, lb in adapters]), grads))
         specs, adapter_dtype = [], adapters[0][0].dtype
         for k, ((a, b, lb), cfg) in enumerate(zip(adapters, self.adapters)):
             if a.dim() != 2 or b.dim() != 2 or a.shape[1] != i or b.shape[0] != o or b.shape[1] != a.shape[0]:
@@ -88,27 +142,28 @@ class LoraLinearRunner:
             if (lb is not None) != cfg.lora_bias:
                 raise ValueError(f"adapter {k}: lora bias given={lb is not None} but configured={cfg.lora_bias}")
             specs.append(AdapterSpec(a.shape[0], cfg.scale, cfg.dropout, cfg.lora_bias,
-                                     grad_on and a.requires_grad, grad_on and b.requires_grad,
-                                     grad_on and lb is not None and lb.requires_grad))
-        return SiteSpec(x.numel() // i, i, o, tuple(specs), bias=bias is not None, dtype=weight.dtype,
-                        adapter_dtype=adapter_dtype if adapter_dtype != weight.dtype else None,
-                        grad_x=grad_on and x.requires_grad, grad_bias=grad_on and bias is not None and bias.requires_grad,
-                        training=training)
+                                     flags[f"A{k}"], flags[f"B{k}"], flags.get(f"lb{k}", False)))
+        return SiteSpec(n, i, o, tuple(specs), bias=bias is not None, dtype=dtype,
+                        adapter_dtype=adapter_dtype if adapter_dtype != dtype else None,
+                        grad_x=flags["x"], grad_bias=flags.get("b", False), training=training, quant=self.quant_spec())
 
-    def plan_for(self, spec: SiteSpec, device: torch.device) -> Plan:
-        return search(spec, self.options, get_profile(device))
+    def plan_for(self, spec: SiteSpec, device: torch.device, layout: tuple[str, ...] | None = None) -> Plan:
+        """The plan for this call; with `layout`, only programs saving exactly those tensors are considered."""
+        return search(spec, self.options, get_profile(device), layout=layout)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  adapters: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], training: bool) -> torch.Tensor:
         spec = self.spec_for(x, weight, bias, adapters, training)
-        return run_plan(self.plan_for(spec, x.device), x, weight, bias, adapters)
+        return run_plan(self.plan_for(spec, x.device), x, weight, bias, adapters, self.constants())
 
 
 def run_plan(plan: Plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             adapters: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-    """Run one given plan (tests, benchmarks and autotuning use this; models go through LoraLinearRunner)."""
+             adapters: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+             constants: dict[str, Any] | None = None) -> torch.Tensor:
+    """Run one given plan (tests, benchmarks and autotuning use this; models go through LoraLinearRunner).
+    A 4-bit base passes its quant state as ``constants={"qs": state}``."""
     flat = [x.reshape(-1, plan.spec.in_features), weight] + ([bias] if bias is not None else [])
     for a, b, lb in adapters:
         flat += [a, b] + ([lb] if lb is not None else [])
-    y = PlannedLoraFunction.apply(plan, *flat)
+    y = PlannedLoraFunction.apply(plan, dict(constants or {}), *flat)
     return y.view(*x.shape[:-1], plan.spec.out_features)

@@ -66,7 +66,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor, s: Step) -> torch.Tensor:
 
 
 def run(steps: list[Step], env: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Execute `steps` in order, adding each result to `env` (returned)."""
+    """Execute `steps` in order, adding each result to `env` (returned). A 4-bit weight's quant state sits in `env`
+    as "qs" next to the packed weight "W"."""
     for s in steps:
         a = [env[name] for name in s.args]
         if s.op == "linear":
@@ -106,6 +107,10 @@ def run(steps: list[Step], env: dict[str, torch.Tensor], shapes: dict[str, tuple
             out = a[0].sum(0)
             if s.alpha != 1.0:
                 out.mul_(s.alpha)
+        elif s.op == "dequantize":
+            from .qlora import dequantize  # bitsandbytes is imported only when a 4-bit plan runs
+
+            out = dequantize(a[0], a[1], s.dtype)
         else:  # pragma: no cover - the lowering only emits the ops above
             raise NotImplementedError(f"executor has no op {s.op!r}")
         env[s.out] = out

@@ -1,7 +1,8 @@
 """The price of a lowered program: FLOPs, bytes moved, bytes saved for backward, transient peak, kernels, time.
 
 Everything is a small pure function of the steps and their shapes, so the numbers a Plan prints are exactly the
-numbers the search compared. Time is a roofline per step: max(FLOPs / rate, bytes / bandwidth) + launch overhead.
+numbers the search compared. Time is a roofline per step: max(FLOPs / rate, bytes / bandwidth) + launch overhead;
+dequantizing a 4-bit weight is bounded by the device's dequantize rate (values per second) instead of a FLOP rate.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 def is_parameter(name: str) -> bool:
-    """Inputs that are parameters: saving them keeps nothing alive that was not alive anyway."""
-    return name in ("W", "b") or (name[:1] in "AB" and name[1:].isdigit()) or (name[:2] == "lb" and name[2:].isdigit())
+    """Inputs that are parameters: saving them keeps nothing alive that was not alive anyway (``qs`` is a 4-bit
+    weight's quant state)."""
+    return name in ("W", "b", "qs") or (name[:1] in "AB" and name[1:].isdigit()) or (name[:2] == "lb" and name[2:].isdigit())
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ def step_time(step: Step, low: Lowered, profile: DeviceProfile) -> float:
     flops = step_flops(step, low.shapes)
     dtype = low.dtypes[step.args[0] if step.op != "addmm" else step.args[1]]
     t = step_bytes(step, low) / profile.bandwidth
+    if step.op == "dequantize":
+        t = max(t, math.prod(low.shapes[step.out]) / profile.dequantize_rate)
     if flops:
         dims = [d for name in step.args[:3] for d in low.shapes[name] if len(low.shapes[name]) == 2]
         t = max(t, flops / profile.rate(dtype, min(dims)))

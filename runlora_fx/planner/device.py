@@ -20,12 +20,16 @@ import torch
 # device's peak, so the rate is kept as a curve over the smallest dimension, not one number.
 CALIBRATION_MIN_DIMS = (8, 32, 128, 512)
 CALIBRATION_BIG_DIM = 1024
+# 4-bit values dequantized per second until calibrate() measures it (bitsandbytes 0.50 on a 2-core CPU: 0.2-1e9).
+DEFAULT_DEQUANTIZE_RATE = {"cpu": 3e8, "cuda": 1e11}
+DEQUANTIZE_CALIBRATION_SHAPE = (2048, 2048)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 
 @dataclass(eq=False)  # hashed by identity: plan caches are keyed by the profile they were priced with
 class DeviceProfile:
-    """Matmul rate per dtype as (smallest dim, FLOP/s) points, memory bandwidth and per-kernel overhead."""
+    """Matmul rate per dtype as (smallest dim, FLOP/s) points, memory bandwidth, per-kernel overhead, and how fast
+    a bitsandbytes 4-bit weight is dequantized (values written per second)."""
 
     device: str
     matmul_rate: dict[str, list[tuple[int, float]]]
@@ -33,6 +37,7 @@ class DeviceProfile:
     launch_overhead: float  # s per kernel
     measured: bool = False
     meta: dict = field(default_factory=dict)
+    dequantize_rate: float = DEFAULT_DEQUANTIZE_RATE["cpu"]  # 4-bit values dequantized per second
 
     def rate(self, dtype: torch.dtype, min_dim: int) -> float:
         """FLOP/s of a matmul whose smallest dimension is `min_dim`, interpolated log-log between points.
@@ -89,11 +94,12 @@ def default_profile(device: torch.device | str = "cpu") -> DeviceProfile:
         rates = {"float32": [(8, 0.5e12), (128, 8e12), (512, 15e12)],
                  "bfloat16": [(8, 1e12), (128, 30e12), (512, 100e12)],
                  "float16": [(8, 1e12), (128, 30e12), (512, 100e12)]}
-        return DeviceProfile(device_key(device), rates, bandwidth=1.0e12, launch_overhead=6e-6)
+        return DeviceProfile(device_key(device), rates, bandwidth=1.0e12, launch_overhead=6e-6,
+                             dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cuda"])
     rates = {"float32": [(8, 8e9), (32, 25e9), (128, 45e9), (512, 60e9)],
              "bfloat16": [(8, 2e9), (32, 5e9), (128, 8e9), (512, 10e9)],
              "float64": [(8, 4e9), (32, 12e9), (128, 22e9), (512, 30e9)]}
-    return DeviceProfile("cpu", rates, bandwidth=8e9, launch_overhead=8e-6)
+    return DeviceProfile("cpu", rates, bandwidth=8e9, launch_overhead=8e-6, dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cpu"])
 
 
 _loaded: dict[str, DeviceProfile] = {}
@@ -126,11 +132,24 @@ def _time(fn, device: torch.device, budget: float) -> float:
     return times[len(times) // 2]
 
 
+def _dequantize_rate(device: torch.device, budget: float) -> float | None:
+    """4-bit values dequantized per second (nf4 with double quantization), or None without bitsandbytes."""
+    try:
+        import bitsandbytes.functional as bnbf
+
+        w = torch.randn(*DEQUANTIZE_CALIBRATION_SHAPE, device=device)
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    except Exception:  # noqa: BLE001 - not installed, or no 4-bit backend for this device
+        return None
+    return w.numel() / _time(lambda: bnbf.dequantize_4bit(packed, state), device, budget)
+
+
 def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.bfloat16), *, save: bool = True,
               seconds: float = 6.0) -> DeviceProfile:
-    """Measure matmul rates, bandwidth and launch overhead on `device` (about `seconds` s) and cache the result."""
+    """Measure matmul rates, bandwidth, launch overhead and (with bitsandbytes) the 4-bit dequantize rate on
+    `device` (about `seconds` s) and cache the result."""
     device = torch.device(device)
-    per = seconds / (len(dtypes) * len(CALIBRATION_MIN_DIMS) + 2)
+    per = seconds / (len(dtypes) * len(CALIBRATION_MIN_DIMS) + 3)
     big = CALIBRATION_BIG_DIM
     rates: dict[str, list[tuple[int, float]]] = {}
     for dt in dtypes:
@@ -145,8 +164,10 @@ def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.b
     bandwidth = 2 * x.numel() * x.element_size() / _time(lambda: x.mul_(1.0), device, per)
     tiny = torch.ones(1, device=device)
     overhead = _time(lambda: tiny.add(tiny), device, per)
+    dequantize_rate = _dequantize_rate(device, per) or default_profile(device).dequantize_rate
     profile = DeviceProfile(device_key(device), rates, bandwidth, overhead, measured=True,
-                            meta={"torch": torch.__version__, "threads": torch.get_num_threads(), "when": time.time()})
+                            meta={"torch": torch.__version__, "threads": torch.get_num_threads(), "when": time.time()},
+                            dequantize_rate=dequantize_rate)
     if save:
         path = _profile_path(device)
         path.parent.mkdir(parents=True, exist_ok=True)

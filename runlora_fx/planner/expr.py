@@ -1,6 +1,7 @@
 """The algebra of one LoRA site: the problem (`SiteSpec`), the choices (`Program`) and the steps they imply.
 
-A site computes ``y = x W^T + b + sum_k s_k * (drop_k(x) A_k^T B_k^T + lb_k)``. Every `Program` is one way to
+A site computes ``y = x W^T + b + sum_k s_k * (drop_k(x) A_k^T B_k^T + lb_k)``; W is dense, or a bitsandbytes
+4-bit weight (`QuantSpec`) that the program dequantizes where it needs it. Every `Program` is one way to
 evaluate that and its joint backward; `enumerate_programs` generates the whole space from a handful of
 independent choices (the order of each contraction, what crosses from forward to backward) instead of a
 hand-written list, and `build_steps` lowers a program to the step list that `kernels.executor` runs and
@@ -24,6 +25,58 @@ MaskStore = Literal["bool", "bits", "seed", "dense", "none"]
 
 MASK_STORES: tuple[str, ...] = ("bool", "bits", "seed")  # searched; "dense" is what torch's dropout saves
 RNG_STATE_BYTES = 5056  # torch's CPU generator state (a CUDA/Philox state is 16 bytes)
+QUANT_TYPES = ("nf4", "fp4")
+QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
+QUANT_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A bitsandbytes 4-bit base weight (`Linear4bit`) as the planner sees it.
+
+    The weight is stored packed, two 4-bit codes per byte, with one absmax per `blocksize` values (itself
+    8-bit quantized when `compress_statistics`, bitsandbytes' "double quantization"). bitsandbytes casts x to
+    `compute_dtype`, multiplies by the dequantized weight there, and casts the result back to x's dtype.
+    """
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    compress_statistics: bool = True
+    compute_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
+        if self.blocksize not in QUANT_BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {QUANT_BLOCKSIZES}, got {self.blocksize!r}")
+        if self.compute_dtype not in QUANT_COMPUTE_DTYPES:
+            raise ValueError(f"4-bit compute dtype must be float32, bfloat16 or float16, got {self.compute_dtype}")
+
+    def packed_shape(self, out_features: int, in_features: int) -> tuple[int]:
+        """The packed weight: two codes per byte.
+
+        >>> QuantSpec().packed_shape(3, 5)
+        (8,)
+        """
+        return ((out_features * in_features + 1) // 2,)
+
+    def stats_shape(self, out_features: int, in_features: int) -> tuple[int]:
+        """One absmax per block (8-bit when compressed; the 256-block second level is left out as negligible).
+
+        >>> QuantSpec(blocksize=64).stats_shape(64, 100)
+        (100,)
+        """
+        return (-(-out_features * in_features // self.blocksize),)
+
+    @property
+    def stats_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.compress_statistics else torch.float32
+
+    @property
+    def label(self) -> str:
+        """Short name for tables, e.g. ``nf4+dq:bfloat16``."""
+        dq = "+dq" if self.compress_statistics else ""
+        return f"{self.quant_type}{dq}:{str(self.compute_dtype).replace('torch.', '')}"
 
 
 @dataclass(frozen=True)
@@ -54,26 +107,36 @@ class SiteSpec:
     out_features: int
     adapters: tuple[AdapterSpec, ...]
     bias: bool = False
-    dtype: torch.dtype = torch.float32  # base weight (and input) dtype
+    dtype: torch.dtype = torch.float32  # input and result dtype; a dense base weight's dtype
     adapter_dtype: torch.dtype | None = None  # None: same as dtype
     grad_x: bool = True
     grad_bias: bool = False
     training: bool = True
+    quant: QuantSpec | None = None  # a bitsandbytes 4-bit base (its bias, if any, is in quant.compute_dtype)
 
     def __post_init__(self) -> None:
-        for name in ("n", "in_features", "out_features"):
+        if not isinstance(self.n, torch.SymInt) and (not isinstance(self.n, int) or self.n < 0):
+            raise ValueError(f"n must be a non-negative integer, got {self.n!r}")  # symbolic under torch.compile
+        for name in ("in_features", "out_features"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "n" else 1):
-                raise ValueError(f"{name} must be a {'non-negative' if name == 'n' else 'positive'} integer, got {value!r}")
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.adapters:
             raise ValueError("a LoRA site needs at least one adapter")
         for dt in (self.dtype, self.adapter_dtype):
             if dt is not None and not dt.is_floating_point:
                 raise ValueError(f"LoRA sites need floating dtypes, got {dt}")
+        if self.quant is not None and not isinstance(self.quant, QuantSpec):
+            raise ValueError(f"quant must be a QuantSpec or None, got {type(self.quant).__name__}")
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.adapter_dtype or self.dtype
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The dtype of the base matmul: a 4-bit base's compute dtype, else the site's dtype."""
+        return self.quant.compute_dtype if self.quant is not None else self.dtype
 
     @property
     def casts(self) -> bool:
@@ -89,8 +152,9 @@ class SiteSpec:
 
     @property
     def merge_valid(self) -> bool:
-        """x (W + sum s B A)^T equals the chain only when every adapter reads the very same x as the base."""
-        return not self.any_dropout and not self.casts
+        """x (W + sum s B A)^T equals the chain only when every adapter reads the very same x as the base, in the
+        base's own dtype."""
+        return not self.any_dropout and not self.casts and self.base_dtype == self.dtype
 
     def with_n(self, n: int) -> "SiteSpec":
         return replace(self, n=n)
@@ -108,11 +172,13 @@ class Program:
     keep_xd: bool = True  # save x_d itself (else save x and re-apply the mask)
     mask: MaskStore = "bool"
     keep_merged: bool = False  # save W + sum s B A from forward (else rebuild it in backward)
+    keep_deq: bool = False  # 4-bit base: save the weight dequantized in forward (else dequantize again)
 
     @property
     def key(self) -> str:
-        """Short stable name, e.g. ``chain/zx.gu.split/u+xd+bool``."""
-        saved = [s for s, on in (("u", self.keep_u), ("xd", self.keep_xd), ("m", self.keep_merged)) if on]
+        """Short stable name, e.g. ``chain/zx.gu.split/u+xd+bool`` (``wd``: the dequantized 4-bit weight is kept)."""
+        saved = [s for s, on in (("u", self.keep_u), ("xd", self.keep_xd), ("m", self.keep_merged),
+                                 ("wd", self.keep_deq)) if on]
         mask = [] if self.mask == "none" else [self.mask]
         return f"{self.forward}/{self.grad_a}.{self.grad_b}.{self.grad_x}/{'+'.join(saved + mask) or '-'}"
 
@@ -151,6 +217,8 @@ def canonical(spec: SiteSpec, p: Program) -> Program:
         p = replace(p, grad_x="split")
     if p.grad_x != "merged":
         p = replace(p, keep_merged=False)
+    if spec.quant is None or not need["x"] or p.keep_merged:
+        p = replace(p, keep_deq=False)  # backward never reads the base weight
     uses_xd = need["A"] or (need["B"] and (p.grad_b == "ta" or not p.keep_u))
     if not spec.any_dropout:
         # without dropout x_d is x (or its cast): "keep x_d" only matters when a cast makes it a new tensor
@@ -178,7 +246,7 @@ def enumerate_programs(spec: SiteSpec) -> Iterator[Program]:
     seen: set[Program] = set()
     choices = itertools.product(
         ("chain", "merged"), ("zx", "bt"), ("gu", "ta"), ("split", "merged"),
-        (True, False), (True, False), MASK_STORES, (True, False),
+        (True, False), (True, False), MASK_STORES, (True, False), (False, True) if spec.quant else (False,),
     )
     for combo in choices:
         p = canonical(spec, Program(*combo))
@@ -197,7 +265,8 @@ class Step:
 
     ops: linear (a @ w^T + bias), mm (alpha op(a) @ op(b)), addmm (acc + alpha op(a) @ op(b)), cast,
     draw_mask (torch's dropout noise, RNG-identical to F.dropout), rng_state, redraw_mask, mul, scale,
-    to_bool, from_bool, pack_bits, unpack_bits, axpy (a + alpha b, broadcast), sum_rows (alpha * sum over N).
+    to_bool, from_bool, pack_bits, unpack_bits, axpy (a + alpha b, broadcast), sum_rows (alpha * sum over N),
+    dequantize (a 4-bit weight and its quant state to a dense weight in `dtype`).
     """
 
     op: str
@@ -231,6 +300,7 @@ class Step:
             "unpack_bits": f"unbits({a[0]}){keep}",
             "axpy": f"{a[0]} + {s}{a[1]}",
             "sum_rows": f"{s}Σ_N {a[0]}",
+            "dequantize": f"dequantize_4bit({a[0]}, {a[1]}).to({str(self.dtype).replace('torch.', '')})",
         }
         return text[self.op]
 
@@ -264,9 +334,13 @@ class _Lowering:
         n, i, o = spec.n, spec.in_features, spec.out_features
         bd, ad = spec.dtype, spec.compute_dtype
         self._input("x", (n, i), bd)
-        self._input("W", (o, i), bd)
+        if spec.quant is None:
+            self._input("W", (o, i), bd)
+        else:  # the packed codes and the per-block statistics (the quant state) are parameters
+            self._input("W", spec.quant.packed_shape(o, i), torch.uint8)
+            self._input("qs", spec.quant.stats_shape(o, i), spec.quant.stats_dtype)
         if spec.bias:
-            self._input("b", (o,), bd)
+            self._input("b", (o,), spec.base_dtype)
         for k, a in enumerate(spec.adapters):
             self._input(f"A{k}", (a.rank, i), ad)
             self._input(f"B{k}", (o, a.rank), ad)
@@ -290,6 +364,20 @@ class _Lowering:
         if not self.spec.casts:
             return "x"
         return self.emit(Step("cast", "xa", ("x",), dtype=self.spec.compute_dtype), self.shapes["x"], self.spec.compute_dtype)
+
+    def w(self) -> str:
+        """The base weight as a dense matrix: W itself, or a 4-bit W dequantized to the compute dtype."""
+        q = self.spec.quant
+        if q is None:
+            return "W"
+        shape = (self.spec.out_features, self.spec.in_features)
+        return self.emit(Step("dequantize", "Wd", ("W", "qs"), dtype=q.compute_dtype), shape, q.compute_dtype)
+
+    def cast(self, out: str, name: str, dtype: torch.dtype) -> str:
+        """`name` in `dtype`; reuses the adapters' cast (xa, Ga) when it is the same one."""
+        if self.dtypes[name] == dtype:
+            return name
+        return self.emit(Step("cast", out, (name,), dtype=dtype), self.shapes[name], dtype)
 
     def mm(self, out, a, b, ta=False, tb=False, alpha=1.0) -> str:
         sa, sb = self.shapes[a], self.shapes[b]
@@ -320,10 +408,20 @@ class _Forward(_Lowering):
         return self.mm(f"U{k}", self.xd(k), f"A{k}", tb=True)
 
     def merged_weight(self) -> str:
-        acc = "W"
+        acc = self.w()
         for k, a in enumerate(self.spec.adapters):
             acc = self.addmm(f"M{k}" if k < len(self.spec.adapters) - 1 else "M", acc, f"B{k}", f"A{k}", alpha=a.scale)
         return acc
+
+    def base(self) -> str:
+        """x W^T + b in the site's dtype. A 4-bit base runs in its compute dtype, as bitsandbytes does: cast x,
+        multiply by the dequantized weight, cast the result back."""
+        spec, n, o = self.spec, self.spec.n, self.spec.out_features
+        bdt = spec.base_dtype
+        xb = (self.xa() if spec.casts and spec.compute_dtype == bdt else self.cast("xq", "x", bdt))
+        name = "yb" if bdt == spec.dtype else "yq"
+        y = self.emit(Step("linear", name, (xb, self.w()) + (("b",) if spec.bias else ())), (n, o), bdt)
+        return self.cast("yb", y, spec.dtype)
 
     def total_bias(self) -> str | None:
         acc = "b" if self.spec.bias else None
@@ -343,7 +441,7 @@ class _Forward(_Lowering):
             return self.emit(Step("linear", "y", args), (n, o), spec.dtype)
         # chain: draw every adapter's mask first, in adapter order, exactly as peft consumes the RNG
         xds = [self.xd(k) for k in range(len(spec.adapters))]
-        acc = self.emit(Step("linear", "yb", ("x", "W") + (("b",) if spec.bias else ())), (n, o), spec.dtype)
+        acc = self.base()
         if spec.casts:
             acc = self.emit(Step("cast", "yc", (acc,), dtype=spec.compute_dtype), (n, o), spec.compute_dtype)
         for k, a in enumerate(spec.adapters):
@@ -439,11 +537,17 @@ class _Backward(_Lowering):
             return self.keep(f"U{k}")
         return self.mm(f"U{k}", self.xd(k), f"A{k}", tb=True)
 
+    def w(self) -> str:
+        if self.p.keep_deq:
+            self.fwd.w()
+            return self.keep("Wd")
+        return super().w()
+
     def merged_weight(self) -> str:
         if self.p.keep_merged:
             self.fwd.merged_weight()
             return self.keep("M")
-        acc = "W"
+        acc = self.w()
         for k, a in enumerate(self.spec.adapters):
             acc = self.addmm(f"M{k}" if k < len(self.spec.adapters) - 1 else "M", acc, f"B{k}", f"A{k}", alpha=a.scale)
         return acc
@@ -473,7 +577,12 @@ class _Backward(_Lowering):
         spec, n, i = self.spec, self.spec.n, self.spec.in_features
         if self.p.grad_x == "merged":
             return self.mm("dx", "G", self.merged_weight())
-        dx = self.mm("dxb", "G", "W")
+        bdt = spec.base_dtype
+        if bdt == spec.dtype:
+            dx = self.mm("dxb", "G", self.w())
+        else:  # a 4-bit base in another compute dtype: G cast in, the product cast back (bitsandbytes' backward)
+            g = self.ga() if spec.casts and spec.compute_dtype == bdt else self.cast("Gq", "G", bdt)
+            dx = self.cast("dxb", self.mm("dxq", g, self.w()), spec.dtype)
         low = None
         for k, a in enumerate(spec.adapters):
             if not spec.drops(k) and not spec.casts:

@@ -45,7 +45,8 @@ class Plan:
         s = self.spec
         return {
             "program": self.key, "n": s.n, "in_features": s.in_features, "out_features": s.out_features,
-            "ranks": [a.rank for a in s.adapters], "dtype": str(s.dtype), "flops": self.cost.flops,
+            "ranks": [a.rank for a in s.adapters], "dtype": str(s.dtype),
+            "quant": s.quant.label if s.quant is not None else None, "flops": self.cost.flops,
             "stock_flops": self.stock.flops, "saved_bytes": self.cost.saved_bytes,
             "stock_saved_bytes": self.stock.saved_bytes, "est_time_s": self.cost.time,
             "stock_est_time_s": self.stock.time, **self.formula(),
@@ -54,8 +55,9 @@ class Plan:
     def __str__(self) -> str:
         s, c, st = self.spec, self.cost, self.stock
         ranks = ",".join(str(a.rank) for a in s.adapters)
+        base = f"  base=4-bit {s.quant.label}" if s.quant is not None else ""
         head = [
-            f"  LoRA site:  N={s.n}  i={s.in_features}  o={s.out_features}  r={ranks}  dtype={str(s.dtype)[6:]}"
+            f"  LoRA site:  N={s.n}  i={s.in_features}  o={s.out_features}  r={ranks}  dtype={str(s.dtype)[6:]}{base}"
             f"  dropout={','.join(f'{a.dropout:g}' for a in s.adapters)}  training={s.training}",
             f"  Program:  {self.key}   (strategy {self.strategy})",
             f"  FLOPs:  {c.flops:.4g}   stock {st.flops:.4g}   ratio {c.flops / max(st.flops, 1):.3f}",

@@ -100,15 +100,24 @@ STRATEGIES: dict[str, Strategy] = {"model": _by_model, "flops": _by_flops, "ligh
 
 
 @lru_cache(maxsize=4096)
-def _search_cached(spec: SiteSpec, options: SearchOptions, profile: DeviceProfile) -> Plan:
+def _search_cached(spec: SiteSpec, options: SearchOptions, profile: DeviceProfile, layout: tuple[str, ...] | None) -> Plan:
     plans = candidates(spec, profile, prune=False)
+    if layout is not None:
+        plans = PlanTable(p for p in plans if tuple(p.lowered.saved) == layout)
+        if not plans:
+            raise ValueError(f"no program saves exactly {layout} for {spec}")
     chosen = STRATEGIES[options.strategy](plans, options)
     return Plan(chosen.spec, chosen.program, chosen.lowered, chosen.cost, chosen.stock, strategy=options.strategy)
 
 
-def search(spec: SiteSpec, options: SearchOptions = SearchOptions(), profile: DeviceProfile | None = None) -> Plan:
-    """The plan `options` choose for `spec`; cached, so asking again for the same N costs a dict lookup."""
-    return _search_cached(spec, options, profile or get_profile("cpu"))
+def search(spec: SiteSpec, options: SearchOptions = SearchOptions(), profile: DeviceProfile | None = None,
+           layout: tuple[str, ...] | None = None) -> Plan:
+    """The plan `options` choose for `spec`; cached, so asking again for the same N costs a dict lookup.
+
+    `layout` restricts the choice to programs that save exactly those tensors: a compiled graph fixes what
+    crosses from forward to backward when it is traced, while the contraction order stays free per call.
+    """
+    return _search_cached(spec, options, profile or get_profile("cpu"), layout)
 
 
 def plan(n: int, in_features: int, out_features: int, rank: int = 8, *, adapters: int = 1, scale: float = 1.0,

@@ -1,0 +1,79 @@
+"""Replace each matched LoRA site by one call of the planned node (`kernels.ops.lora_site`).
+
+Why: the site's nodes (base linear, dropout, casts, two skinny linears, scale, add, final cast) fix one
+evaluation order and leave the saved set to autograd; one opaque call lets the planner choose both. The rewrite
+only swaps nodes whose value it reproduces exactly (see passes/README.md for the invariants it keeps).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+
+from ..kernels.dense import AdapterConfig, LoraLinearRunner
+from ..kernels.ops import lora_site, register_site
+from ..planner.search import SearchOptions
+from .site import LoraSite, SkippedSite
+
+log = logging.getLogger(__name__)
+
+
+def _dtype(node: fx.Node | None) -> torch.dtype | None:
+    val = node.meta.get("val", node.meta.get("example_value")) if node is not None else None
+    return getattr(val, "dtype", None)
+
+
+def rewrite_reason(site: LoraSite) -> str | None:
+    """Why this site cannot be rewritten by the planned node, or None when it can."""
+    if site.weight_requires_grad:
+        return "the base weight requires grad (the planned node keeps the base frozen)"
+    base, out = _dtype(site.weight), _dtype(site.output)
+    adapter = {_dtype(a.lora_a) for a in site.adapters} | {_dtype(a.lora_b) for a in site.adapters}
+    if None in adapter or base is None or out is None:
+        return "dtypes of the site's tensors are unknown (no example values in the graph)"
+    if len(adapter) != 1:
+        return f"adapters use different dtypes {sorted(map(str, adapter))}"
+    (adtype,) = adapter
+    if out != base:
+        return f"the site's result is {out}, not the base dtype {base}"
+    for a in site.adapters:
+        cast = a.input_cast or base
+        if cast != adtype:
+            return f"adapter {a.name} reads x as {cast} but its weights are {adtype}"
+    if any(a.dropout_p > 0 and a.dropout_train for a in site.adapters) and \
+            len({a.dropout_train for a in site.adapters if a.dropout_p > 0}) > 1:
+        return "adapters disagree on dropout training mode"
+    return None
+
+
+def runner_for(site: LoraSite, options: SearchOptions) -> LoraLinearRunner:
+    configs = tuple(AdapterConfig(float(a.scale), float(a.dropout_p) if a.dropout_train else 0.0, a.lora_bias is not None)
+                    for a in site.adapters)
+    return LoraLinearRunner(configs, options)
+
+
+def rewrite_sites(gm: fx.GraphModule, sites: list[LoraSite], options: SearchOptions) -> tuple[int, list[SkippedSite]]:
+    """Swap every rewritable site for one `lora_site` call; returns the count and the sites left alone."""
+    graph, count, skipped = gm.graph, 0, []
+    for site in sites:
+        reason = rewrite_reason(site)
+        if reason:
+            skipped.append(SkippedSite(site.module_path, reason))
+            continue
+        sid = register_site(runner_for(site, options))
+        training = any(a.dropout_train for a in site.adapters)
+        flat = [t for a in site.adapters for t in (a.lora_a, a.lora_b, a.lora_bias) if t is not None]
+        with graph.inserting_before(site.output):
+            new = graph.call_function(lora_site, (site.x, site.weight, site.bias, flat, sid, training))
+        new.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "nn_module_stack", "stack_trace")})
+        site.output.replace_all_uses_with(new)
+        for node in reversed(site.nodes):
+            if node is not new and not node.users:
+                graph.erase_node(node)
+        count += 1
+        log.debug("rewrote %s as site %d", site.module_path, sid)
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count, skipped
