@@ -23,7 +23,7 @@ from torch import nn
 from .config import OptimizeConfig
 from .kernels.dense import LoraLinearRunner
 from .passes.match import ModelMatch, match_model, site_params
-from .passes.rewrite import rewrite_reason, runner_for
+from .passes.rewrite import rewrite_reason, runner_for, x_readers
 from .passes.site import LoraParams, LoraSite, SkippedSite
 from .report import Report, SiteRow
 
@@ -87,8 +87,8 @@ def _in_planned_state(site: PatchedSite, x: Any, args: tuple, kwargs: dict) -> b
     tensors = _tensors(site.params)
     if tuple(t.dtype for t in tensors) != site.dtypes or any(t.device != site.device for t in tensors):
         return False
-    return x.dtype == site.params.weight.dtype and x.device == site.device and x.dim() >= 1 \
-        and x.shape[-1] == site.params.weight.shape[1] and torch.is_autocast_enabled() is False
+    return x.device == site.device and site.runner.accepts(x, site.params.weight, module) \
+        and torch.is_autocast_enabled() is False
 
 
 def _training(site: PatchedSite) -> bool:
@@ -130,16 +130,16 @@ def _module_only_computes(site: LoraSite, module: nn.Module, graph: fx.Graph) ->
     return None
 
 
-def _patch(path: str, module: nn.Module, site: LoraSite, params: LoraParams, config: OptimizeConfig) -> PatchedSite:
+def _patch(path: str, module: nn.Module, site: LoraSite, params: LoraParams, config: OptimizeConfig,
+           readers: int) -> PatchedSite:
     tensors = _tensors(params)
     patched = PatchedSite(
-        path, module, params, runner_for(site, config.search_options),
+        path, module, params, runner_for(site, config.search_options, readers),
         module.__dict__.get("forward"), "forward" in module.__dict__,
         tuple(t.dtype for t in tensors), params.weight.device, _peft_state(module))
     # the runner's dropout p must not depend on the mode the model was captured in
-    patched.runner = LoraLinearRunner(
-        tuple(type(c)(c.scale, float(a.dropout_p), c.lora_bias) for c, a in zip(patched.runner.adapters, site.adapters)),
-        config.search_options)
+    patched.runner = patched.runner.with_adapters(
+        tuple(type(c)(c.scale, float(a.dropout_p), c.lora_bias) for c, a in zip(patched.runner.adapters, site.adapters)))
     module.forward = _planned_forward(patched)
     return patched
 
@@ -200,7 +200,8 @@ def _optimize_now(model: nn.Module, state: OptimizedState, example_inputs: tuple
                 state.skipped.append(SkippedSite(site.module_path, reason))
                 continue
             params = site_params(site, graph.value_of, model)
-            state.patched.append(_patch(site.module_path, module, site, params, state.config))
+            readers = x_readers(result.sites)[site.x]
+            state.patched.append(_patch(site.module_path, module, site, params, state.config, readers))
     for site in _check_calls(model, state.patched, example_inputs, example_kwargs):
         _unpatch(site)
         state.patched.remove(site)
@@ -281,7 +282,7 @@ def explain(model: nn.Module, example_inputs: tuple = (), *, example_kwargs: dic
                 skipped.append(SkippedSite(site.module_path, reason))
                 continue
             params = site_params(site, graph.value_of, model)
-            runner = runner_for(site, config.search_options)
+            runner = runner_for(site, config.search_options, x_readers(result.sites)[site.x])
             x = site.x.meta.get("example_value", site.x.meta.get("val"))
             adapters = [(a.lora_a, a.lora_b, a.lora_bias) for a in params.adapters]
             training = any(a.dropout_train for a in site.adapters)

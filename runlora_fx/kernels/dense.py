@@ -72,11 +72,12 @@ class PlannedLoraFunction(torch.autograd.Function):
 class LoraLinearRunner:
     """Callable for one LoRA site: ``runner(x, W, b, [(A, B, lora_bias), ...], training)``."""
 
-    def __init__(self, adapters: tuple[AdapterConfig, ...], options: SearchOptions = SearchOptions()):
+    def __init__(self, adapters: tuple[AdapterConfig, ...], options: SearchOptions = SearchOptions(), x_readers: int = 1):
         if not adapters:
             raise ValueError("a LoRA site needs at least one adapter")
         self.adapters = tuple(adapters)
         self.options = options
+        self.x_readers = x_readers  # sites reading the same x (see SiteSpec.x_readers)
 
     # -- hooks: what a dense base looks like (kernels.qlora overrides these for a 4-bit base) -----------------
     def base_shape(self, weight: torch.Tensor) -> tuple[int, int]:
@@ -145,7 +146,8 @@ class LoraLinearRunner:
                                      flags[f"A{k}"], flags[f"B{k}"], flags.get(f"lb{k}", False)))
         return SiteSpec(n, i, o, tuple(specs), bias=bias is not None, dtype=dtype,
                         adapter_dtype=adapter_dtype if adapter_dtype != dtype else None,
-                        grad_x=flags["x"], grad_bias=flags.get("b", False), training=training, quant=self.quant_spec())
+                        grad_x=flags["x"], grad_bias=flags.get("b", False), training=training, quant=self.quant_spec(),
+                        x_readers=self.x_readers)
 
     def plan_for(self, spec: SiteSpec, device: torch.device, layout: tuple[str, ...] | None = None) -> Plan:
         """The plan for this call; with `layout`, only programs saving exactly those tensors are considered."""

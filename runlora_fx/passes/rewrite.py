@@ -7,12 +7,14 @@ only swaps nodes whose value it reproduces exactly (see passes/README.md for the
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 import torch.fx as fx
 
 from ..kernels.dense import AdapterConfig, LoraLinearRunner
 from ..kernels.ops import lora_site, register_site
+from ..kernels.qlora import PACKED_FOR_CPU_REASON, QLoraLinearRunner, is_packed_for_cpu, quant_spec_of
 from ..planner.search import SearchOptions
 from .site import LoraSite, SkippedSite
 
@@ -24,11 +26,33 @@ def _dtype(node: fx.Node | None) -> torch.dtype | None:
     return getattr(val, "dtype", None)
 
 
+def _quant_reason(site: LoraSite) -> str | None:
+    """Why a 4-bit site cannot be planned, or None."""
+    state, cd = site.quant_state, site.quant_compute_dtype
+    if state is None:
+        return "the 4-bit base's bitsandbytes quant state is not reachable (no real Params4bit behind the weight)"
+    if is_packed_for_cpu(state):
+        return PACKED_FOR_CPU_REASON
+    try:
+        quant_spec_of(state, cd)
+    except (ValueError, TypeError) as err:
+        return f"unsupported 4-bit format: {err}"
+    if site.bias is not None and site.bias_requires_grad:
+        return "the 4-bit base's bias requires grad (bitsandbytes' 4-bit layer has no planned bias gradient)"
+    if site.bias is not None and _dtype(site.bias) != cd:
+        return f"the 4-bit base's bias is {_dtype(site.bias)}, not its compute dtype {cd}"
+    return None
+
+
 def rewrite_reason(site: LoraSite) -> str | None:
     """Why this site cannot be rewritten by the planned node, or None when it can."""
     if site.weight_requires_grad:
         return "the base weight requires grad (the planned node keeps the base frozen)"
-    base, out = _dtype(site.weight), _dtype(site.output)
+    if site.quant_compute_dtype is not None and (reason := _quant_reason(site)):
+        return reason
+    # a 4-bit base computes in its compute dtype and returns x's dtype: the site's dtype is x's
+    base = _dtype(site.x) if site.quant_compute_dtype is not None else _dtype(site.weight)
+    out = _dtype(site.output)
     adapter = {_dtype(a.lora_a) for a in site.adapters} | {_dtype(a.lora_b) for a in site.adapters}
     if None in adapter or base is None or out is None:
         return "dtypes of the site's tensors are unknown (no example values in the graph)"
@@ -47,21 +71,33 @@ def rewrite_reason(site: LoraSite) -> str | None:
     return None
 
 
-def runner_for(site: LoraSite, options: SearchOptions) -> LoraLinearRunner:
+def runner_for(site: LoraSite, options: SearchOptions, x_readers: int = 1) -> LoraLinearRunner:
+    """The runner for `site`; `x_readers` sites (this one included) read the same x and may share it saved."""
     configs = tuple(AdapterConfig(float(a.scale), float(a.dropout_p) if a.dropout_train else 0.0, a.lora_bias is not None)
                     for a in site.adapters)
-    return LoraLinearRunner(configs, options)
+    if site.quant_compute_dtype is not None:
+        runner = QLoraLinearRunner(configs, options, site.quant_state, site.quant_compute_dtype, _dtype(site.x))
+    else:
+        runner = LoraLinearRunner(configs, options)
+    runner.x_readers = x_readers
+    return runner
+
+
+def x_readers(sites: list[LoraSite]) -> dict[fx.Node, int]:
+    """How many of `sites` read each input node."""
+    return Counter(site.x for site in sites)
 
 
 def rewrite_sites(gm: fx.GraphModule, sites: list[LoraSite], options: SearchOptions) -> tuple[int, list[SkippedSite]]:
     """Swap every rewritable site for one `lora_site` call; returns the count and the sites left alone."""
     graph, count, skipped = gm.graph, 0, []
+    readers = x_readers(sites)
     for site in sites:
         reason = rewrite_reason(site)
         if reason:
             skipped.append(SkippedSite(site.module_path, reason))
             continue
-        sid = register_site(runner_for(site, options))
+        sid = register_site(runner_for(site, options, readers[site.x]))
         training = any(a.dropout_train for a in site.adapters)
         flat = [t for a in site.adapters for t in (a.lora_a, a.lora_b, a.lora_bias) if t is not None]
         with graph.inserting_before(site.output):

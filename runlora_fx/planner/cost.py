@@ -69,17 +69,26 @@ def step_flops(step: Step, shapes: dict[str, tuple[int, ...]]) -> int:
     return mm_flops(m, k, n)
 
 
+# Bit packing is several elementwise passes in plain torch (compare, widen, weight, sum / shift, mask, widen,
+# scale): extra bytes per mask element and extra kernels beyond the step's own read and write.
+BITS_EXTRA = {"pack_bits": (7, 4), "unpack_bits": (11, 4)}
+
+
 def step_bytes(step: Step, low: Lowered) -> int:
     """Bytes read and written by one step (a mask redraw reads nothing but writes the mask)."""
     reads = sum(nbytes(low.shapes[a], low.dtypes[a]) for a in step.args if step.op not in ("rng_state", "redraw_mask"))
-    return reads + nbytes(low.shapes[step.out], low.dtypes[step.out])
+    extra = 0
+    if step.op in BITS_EXTRA:
+        mask = low.shapes[step.args[0]] if step.op == "pack_bits" else low.shapes[step.out]
+        extra = BITS_EXTRA[step.op][0] * math.prod(mask)
+    return reads + nbytes(low.shapes[step.out], low.dtypes[step.out]) + extra
 
 
 def step_kernels(step: Step) -> int:
     if step.op == "rng_state":
         return 0
     extra = step.op in ("mm", "sum_rows") and step.alpha != 1.0  # scaling is a second pass
-    return 1 + int(extra) + int(step.op == "pack_bits")
+    return 1 + int(extra) + BITS_EXTRA.get(step.op, (0, 0))[1]
 
 
 def step_time(step: Step, low: Lowered, profile: DeviceProfile) -> float:
@@ -88,6 +97,8 @@ def step_time(step: Step, low: Lowered, profile: DeviceProfile) -> float:
     t = step_bytes(step, low) / profile.bandwidth
     if step.op == "dequantize":
         t = max(t, math.prod(low.shapes[step.out]) / profile.dequantize_rate)
+    if step.op in ("draw_mask", "redraw_mask"):
+        t = max(t, math.prod(low.shapes[step.out]) / profile.rng_rate)
     if flops:
         dims = [d for name in step.args[:3] for d in low.shapes[name] if len(low.shapes[name]) == 2]
         t = max(t, flops / profile.rate(dtype, min(dims)))
@@ -132,7 +143,14 @@ def _peak(steps: list[Step], low: Lowered, live_from_start: list[str], keep: set
 
 
 def saved_bytes(low: Lowered) -> int:
-    return sum(nbytes(low.shapes[n], low.dtypes[n]) for n in low.saved if not is_parameter(n))
+    """Activation bytes kept for backward; the input x counts as a 1/x_readers share when sibling sites (which
+    read the same x and may keep it too) share the one tensor."""
+    total, x_readers = 0, low.x_readers
+    for n in low.saved:
+        if not is_parameter(n):
+            b = nbytes(low.shapes[n], low.dtypes[n])
+            total += -(-b // x_readers) if n == "x" else b
+    return total
 
 
 def price(low: Lowered, profile: DeviceProfile) -> Cost:

@@ -23,6 +23,9 @@ CALIBRATION_BIG_DIM = 1024
 # 4-bit values dequantized per second until calibrate() measures it (bitsandbytes 0.50 on a 2-core CPU: 0.2-1e9).
 DEFAULT_DEQUANTIZE_RATE = {"cpu": 3e8, "cuda": 1e11}
 DEQUANTIZE_CALIBRATION_SHAPE = (2048, 2048)
+# Dropout noise values drawn per second until calibrate() measures it: CPU RNG is far slower than a memory pass
+# (torch 2.13 on a 2-core CPU: 3e7 to 8e7 measured), which decides whether regenerating a mask beats storing it.
+DEFAULT_RNG_RATE = {"cpu": 5e7, "cuda": 5e10}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 
@@ -38,6 +41,7 @@ class DeviceProfile:
     measured: bool = False
     meta: dict = field(default_factory=dict)
     dequantize_rate: float = DEFAULT_DEQUANTIZE_RATE["cpu"]  # 4-bit values dequantized per second
+    rng_rate: float = DEFAULT_RNG_RATE["cpu"]  # dropout noise values drawn per second
 
     def rate(self, dtype: torch.dtype, min_dim: int) -> float:
         """FLOP/s of a matmul whose smallest dimension is `min_dim`, interpolated log-log between points.
@@ -95,7 +99,7 @@ def default_profile(device: torch.device | str = "cpu") -> DeviceProfile:
                  "bfloat16": [(8, 1e12), (128, 30e12), (512, 100e12)],
                  "float16": [(8, 1e12), (128, 30e12), (512, 100e12)]}
         return DeviceProfile(device_key(device), rates, bandwidth=1.0e12, launch_overhead=6e-6,
-                             dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cuda"])
+                             dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cuda"], rng_rate=DEFAULT_RNG_RATE["cuda"])
     rates = {"float32": [(8, 8e9), (32, 25e9), (128, 45e9), (512, 60e9)],
              "bfloat16": [(8, 2e9), (32, 5e9), (128, 8e9), (512, 10e9)],
              "float64": [(8, 4e9), (32, 12e9), (128, 22e9), (512, 30e9)]}
@@ -149,7 +153,7 @@ def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.b
     """Measure matmul rates, bandwidth, launch overhead and (with bitsandbytes) the 4-bit dequantize rate on
     `device` (about `seconds` s) and cache the result."""
     device = torch.device(device)
-    per = seconds / (len(dtypes) * len(CALIBRATION_MIN_DIMS) + 3)
+    per = seconds / (len(dtypes) * len(CALIBRATION_MIN_DIMS) + 4)
     big = CALIBRATION_BIG_DIM
     rates: dict[str, list[tuple[int, float]]] = {}
     for dt in dtypes:
@@ -165,9 +169,11 @@ def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.b
     tiny = torch.ones(1, device=device)
     overhead = _time(lambda: tiny.add(tiny), device, per)
     dequantize_rate = _dequantize_rate(device, per) or default_profile(device).dequantize_rate
+    noise = torch.empty(1024 * 1024, device=device)
+    rng_rate = noise.numel() / _time(lambda: noise.bernoulli_(0.95), device, per)
     profile = DeviceProfile(device_key(device), rates, bandwidth, overhead, measured=True,
                             meta={"torch": torch.__version__, "threads": torch.get_num_threads(), "when": time.time()},
-                            dequantize_rate=dequantize_rate)
+                            dequantize_rate=dequantize_rate, rng_rate=rng_rate)
     if save:
         path = _profile_path(device)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -113,8 +113,11 @@ class SiteSpec:
     grad_bias: bool = False
     training: bool = True
     quant: QuantSpec | None = None  # a bitsandbytes 4-bit base (its bias, if any, is in quant.compute_dtype)
+    x_readers: int = 1  # sites that read this very x (q/k/v, gate/up): a saved x is shared, so counted as a share
 
     def __post_init__(self) -> None:
+        if not isinstance(self.x_readers, int) or self.x_readers < 1:
+            raise ValueError(f"x_readers must be a positive integer, got {self.x_readers!r}")
         if not isinstance(self.n, torch.SymInt) and (not isinstance(self.n, int) or self.n < 0):
             raise ValueError(f"n must be a non-negative integer, got {self.n!r}")  # symbolic under torch.compile
         for name in ("in_features", "out_features"):
@@ -320,6 +323,7 @@ class Lowered:
     output: str = "y"
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    x_readers: int = 1  # sites sharing x (SiteSpec.x_readers): a saved x costs this site a share
 
 
 class _Lowering:
@@ -464,7 +468,7 @@ def build_steps(spec: SiteSpec, program: Program) -> Lowered:
     grads = bwd.gradients()
     forward_steps = fwd.steps  # _Backward appended forward-only producers (saved tensors) through fwd.emit
     return Lowered(forward_steps, bwd.saved, bwd.steps, grads, output=y,
-                   shapes={**fwd.shapes, **bwd.shapes}, dtypes={**fwd.dtypes, **bwd.dtypes})
+                   shapes={**fwd.shapes, **bwd.shapes}, dtypes={**fwd.dtypes, **bwd.dtypes}, x_readers=spec.x_readers)
 
 
 class _Backward(_Lowering):

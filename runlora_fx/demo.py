@@ -1,0 +1,129 @@
+"""The main job behind `make demo`: a small LLaMA with peft LoRA, trained side by side plain and optimized.
+
+Both models start from the same weights and see the same batches and dropout seeds; steps alternate between
+them (peft, runlora_fx, peft, ...) so machine noise hits both alike, and the median step times are compared.
+Saved-for-backward bytes are counted exactly with `saved_tensors_hooks` on one step of each.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .api import explain, optimize, optimized_sites
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class DemoConfig:
+    hidden: int = 256  # llama_20m's widths (shared/reference/runlora-paper.md), fewer layers and a small vocab
+    ffn: int = 688
+    layers: int = 2
+    heads: int = 4
+    vocab: int = 512
+    batch: int = 4
+    seq: int = 256
+    rank: int = 8
+    dropout: float = 0.05
+    steps: int = 8
+    dtype: str = "float32"
+    seed: int = 0
+
+
+def build_model(cfg: DemoConfig):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    llama = LlamaConfig(vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.ffn,
+                        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+                        max_position_embeddings=max(cfg.seq, 64))
+    base = LlamaForCausalLM(llama).to(getattr(torch, cfg.dtype))
+    model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=cfg.dropout,
+                                            target_modules=PROJECTIONS))
+    return model
+
+
+def batches(cfg: DemoConfig, count: int) -> list[torch.Tensor]:
+    """Token batches with some structure (a noisy repeating pattern), so the loss can actually fall."""
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    out = []
+    for _ in range(count):
+        start = torch.randint(0, cfg.vocab, (cfg.batch, 1), generator=g)
+        steps = torch.arange(cfg.seq).unsqueeze(0)
+        ids = (start + 7 * steps) % cfg.vocab
+        noise = torch.rand(ids.shape, generator=g) < 0.1
+        out.append(torch.where(noise, torch.randint(0, cfg.vocab, ids.shape, generator=g), ids))
+    return out
+
+
+def saved_bytes_of_step(model, ids: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter tensors autograd keeps from forward to backward in one step."""
+    params = {p.data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def _step(model, opt, ids, seed):
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item(), time.perf_counter() - t0
+
+
+def run(cfg: DemoConfig, out=print) -> dict:
+    """Build, explain, train both side by side; print and return the figures."""
+    torch.manual_seed(cfg.seed)
+    peft_model = build_model(cfg)
+    ours = copy.deepcopy(peft_model)
+    data = batches(cfg, cfg.steps + 1)
+    out(f"runlora_fx demo: LLaMA hidden={cfg.hidden} ffn={cfg.ffn} layers={cfg.layers} vocab={cfg.vocab}, "
+        f"peft LoRA r={cfg.rank} dropout={cfg.dropout} on {len(PROJECTIONS)} projections, {cfg.dtype}, "
+        f"batch {cfg.batch}x{cfg.seq}, {torch.get_num_threads()} threads\n")
+    out(str(explain(ours, example_kwargs={"input_ids": data[0]})))
+    optimize(ours, example_kwargs={"input_ids": data[0]})
+    out(f"\noptimized {len(optimized_sites(ours))} LoRA sites\n")
+    params = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    opts = {"peft": torch.optim.AdamW(params(peft_model), lr=1e-3), "runlora_fx": torch.optim.AdamW(params(ours), lr=1e-3)}
+    models = {"peft": peft_model, "runlora_fx": ours}
+    losses = {k: [] for k in models}
+    times = {k: [] for k in models}
+    for step, ids in enumerate(data[1:]):
+        order = list(models) if step % 2 == 0 else list(reversed(models))  # alternate who goes first
+        for name in order:
+            loss, dt = _step(models[name], opts[name], ids, seed=1000 + step)
+            losses[name].append(loss)
+            times[name].append(dt)
+    out(f"{'step':>4}  {'peft loss':>10}  {'runlora_fx loss':>15}  {'peft s':>7}  {'runlora_fx s':>12}")
+    for k in range(cfg.steps):
+        out(f"{k:>4}  {losses['peft'][k]:>10.5f}  {losses['runlora_fx'][k]:>15.5f}  {times['peft'][k]:>7.3f}  "
+            f"{times['runlora_fx'][k]:>12.3f}")
+    agree = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(losses["peft"], losses["runlora_fx"]))
+    tol = 1e-4 if cfg.dtype == "float32" else 2e-2
+    warm = slice(1, None) if cfg.steps > 2 else slice(None)  # the first step includes planning
+    med = {k: statistics.median(v[warm]) for k, v in times.items()}
+    saved = {k: saved_bytes_of_step(m, data[0]) for k, m in models.items()}
+    out(f"\nlosses agree: {'yes' if agree <= tol else 'NO'} (largest relative difference {agree:.2e}, tolerance {tol:g})")
+    out(f"median step time (steps 2..{cfg.steps}, interleaved): peft {med['peft']:.3f} s, runlora_fx "
+        f"{med['runlora_fx']:.3f} s, ratio {med['runlora_fx'] / med['peft']:.3f}")
+    out(f"saved for backward per step: peft {saved['peft'] / 2**20:.1f} MiB, runlora_fx "
+        f"{saved['runlora_fx'] / 2**20:.1f} MiB ({100 * (1 - saved['runlora_fx'] / saved['peft']):.1f}% less)")
+    out("(one short run on a shared machine: the benchmark suite, `runlora-fx bench`, gives the measured figures)")
+    return {"losses": losses, "times": times, "median": med, "saved_bytes": saved, "losses_agree": agree <= tol}
