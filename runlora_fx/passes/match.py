@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runlora_fx.passes.capture import Captured, capture
+from runlora_fx.passes.quant import Linear4bitCall, linear4bit, unsupported_base_reason
 from runlora_fx.passes.site import AdapterParams, AdapterSite, LoraParams, LoraSite, SkippedSite
 
 __all__ = ["FailedMatch", "MatchResult", "ModelMatch", "find_lora_params", "match_model", "match_site",
@@ -161,6 +162,7 @@ class _Linear:
     bias: fx.Node | None
     view: fx.Node | None = None  # the transpose node of a matmul form (weight.T, ...)
     raw: fx.Node | None = None  # the right operand when it is not a transpose: x @ M
+    quant: Linear4bitCall | None = None  # a bitsandbytes 4-bit base (then `node` is the end of its call)
 
 
 _LINEAR_FUNCS = (F.linear, torch._C._nn.linear)
@@ -185,6 +187,16 @@ def _linear(node: Any) -> _Linear | None:
         if len(_shape(rhs) or ()) == 2:
             return _Linear(node, x, None, None, raw=rhs)
     return None
+
+
+def _base_linear(node: Any) -> _Linear | None:
+    """A linear that can be a site's base: any `_linear`, or a bitsandbytes 4-bit call (passes.quant), which is
+    never an adapter's A or B."""
+    found = _linear(node)
+    if found is not None:
+        return found
+    q = linear4bit(node)
+    return None if q is None else _Linear(q.output, q.input, q.weight, q.bias, quant=q)
 
 
 def _transposed(node: fx.Node) -> fx.Node | None:
@@ -611,7 +623,7 @@ def _next_adapter(cur: fx.Node, x: fx.Node, index: int) -> tuple[_Walk, fx.Node]
 
 def _bias_add(cur: fx.Node, base: _Linear) -> tuple[fx.Node, fx.Node] | None:
     """(bias, add) when `cur` feeds an add of a 1-D parameter of the base's out_features: `x @ W.T + b`."""
-    if base.bias is not None or base.weight is None:
+    if base.bias is not None or base.weight is None or base.quant is not None:
         return None
     out_features = (_shape(base.weight) or (None,))[0]
     for user in cur.users:
@@ -632,12 +644,12 @@ def match_site(node: fx.Node, example_inputs: list[Any] | tuple[Any, ...] | None
 
 
 def _match_site(node: fx.Node, ctx: _Ctx) -> LoraSite | FailedMatch:
-    base = _linear(node)
+    base = _base_linear(node)
     if base is None:
         return FailedMatch("{} is not a linear", node)
     walks: list[_Walk] = []
     adds: list[fx.Node] = []
-    cur = node
+    cur = base.node
     while True:
         if (biased := _bias_add(cur, base)) is not None:  # a bias added on its own: part of the base
             base.bias, cur = biased
@@ -664,7 +676,8 @@ def _match_site(node: fx.Node, ctx: _Ctx) -> LoraSite | FailedMatch:
     problem = _check_weights(base, "base")
     if problem is not None:  # a FailedMatch is falsy: test for presence
         return problem.reported([node, *adds, *adapter_nodes])
-    nodes = ctx.sort([node, *adds, *adapter_nodes, output, *([base.view] if base.view is not None else [])])
+    nodes = ctx.sort([node, *adds, *adapter_nodes, output, *([base.view] if base.view is not None else []),
+                      *(base.quant.nodes if base.quant is not None else [])])
     nodes = _drop_shared_weight_views(nodes)
     problem = _check_escapes(nodes, output)
     if problem is not None:  # a FailedMatch is falsy: test for presence
@@ -681,11 +694,15 @@ def _match_site(node: fx.Node, ctx: _Ctx) -> LoraSite | FailedMatch:
         ad.b_requires_grad = ctx.requires_grad(ad.lora_b)
         ad.lora_bias_requires_grad = ctx.requires_grad(ad.lora_bias)
         adapters.append(ad)
-    return LoraSite(module_path=path, x=base.input, weight=base.weight, bias=base.bias,  # type: ignore[arg-type]
+    site = LoraSite(module_path=path, x=base.input, weight=base.weight, bias=base.bias,  # type: ignore[arg-type]
                     adapters=adapters, output=output, output_cast=output_cast, base_node=node, nodes=nodes,
                     x_requires_grad=ctx.requires_grad(base.input),
                     weight_requires_grad=ctx.requires_grad(base.weight),
                     bias_requires_grad=ctx.requires_grad(base.bias))
+    if base.quant is not None:  # the quant state is reachable from the real Params4bit behind the placeholder
+        site.quant_state = getattr(ctx.real(base.weight), "quant_state", None)
+        site.quant_compute_dtype = base.quant.compute_dtype or getattr(_meta_value(base.input), "dtype", None)
+    return site
 
 
 def _drop_shared_weight_views(nodes: list[fx.Node]) -> list[fx.Node]:
@@ -803,7 +820,7 @@ def match_sites(gm: fx.GraphModule, example_inputs: list[Any] | tuple[Any, ...] 
     result = MatchResult(gm=gm)
     claimed: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
-        if node in claimed or _linear(node) is None:
+        if node in claimed or _base_linear(node) is None:
             continue
         found = _match_site(node, ctx)
         if found:
@@ -825,8 +842,18 @@ def _skipped(failure: FailedMatch, nodes: list[fx.Node], ctx: _Ctx) -> SkippedSi
     linears = [n for n in nodes if _linear(n) is not None]
     path = _module_path(linears or nodes, ctx)
     # A peft variant layer is named as such: what its graph pieces look like says less than that.
-    reason = _variant_reason(path, None, ctx) or str(failure)
+    reason = _variant_reason(path, None, ctx) or unsupported_base_reason(nodes, _owner(path, ctx)) or str(failure)
     return SkippedSite(path, reason, ctx.sort(nodes))
+
+
+def _owner(path: str, ctx: _Ctx) -> nn.Module | None:
+    """The module at `path` of the user's model, when there is a model and it has one."""
+    if ctx.names.model is None:
+        return None
+    try:
+        return ctx.names.model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _unclaimed_products(gm: fx.GraphModule, claimed: set[fx.Node], ctx: _Ctx) -> list[SkippedSite]:

@@ -45,7 +45,8 @@ class LoraSite:
     output_cast: torch.dtype | None = None  # peft casts the sum back to the base result dtype
     base_node: fx.Node | None = None  # the base linear call
     nodes: list[fx.Node] = field(default_factory=list)  # every node that the rewrite replaces
-    quant_state: Any = None  # bitsandbytes 4-bit state when the base is Linear4bit (issue 4)
+    quant_state: Any = None  # bitsandbytes 4-bit state when the base is Linear4bit (None: dense, or not reachable)
+    quant_compute_dtype: torch.dtype | None = None  # set iff the base is a 4-bit call: the dtype it computes in
     # Added by passes.match (all optional): gradient flags the planner needs, None when not knowable.
     x_requires_grad: bool | None = None  # from x's node meta example value
     weight_requires_grad: bool | None = None  # a trainable base weight still matches; this flags it
