@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+DEMO_ARGS ?=
 EXTRAS ?= test,hf,qlora,bench
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -24,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(VENV)/bin/runlora-fx demo
+	$(VENV)/bin/runlora-fx demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV)

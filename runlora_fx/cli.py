@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("seq", int), ("rank", int), ("dropout", float), ("steps", int)):
         de.add_argument(f"--{name}", type=kind)
     de.add_argument("--dtype", choices=["float32", "bfloat16"])
+    de.add_argument("--qlora", action="store_true", default=None, help="4-bit nf4 bases (bitsandbytes), peft's bnb layer")
 
     sub.add_parser("bench", help="the benchmark suite (python -m benchmarks --help)", add_help=False)
 
