@@ -12,6 +12,7 @@ and otherwise runs the original forward. A module is patched only when its forwa
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -46,6 +47,7 @@ class PatchedSite:
     dtypes: tuple[torch.dtype, ...]
     device: torch.device
     peft_state: tuple | None  # (active adapters, scales) of a peft layer
+    planned_forward: Callable[..., Any] | None = None  # what module.forward is while patched
 
 
 @dataclass
@@ -140,7 +142,7 @@ def _patch(path: str, module: nn.Module, site: LoraSite, params: LoraParams, con
     # the runner's dropout p must not depend on the mode the model was captured in
     patched.runner = patched.runner.with_adapters(
         tuple(type(c)(c.scale, float(a.dropout_p), c.lora_bias) for c, a in zip(patched.runner.adapters, site.adapters)))
-    module.forward = _planned_forward(patched)
+    patched.planned_forward = module.forward = _planned_forward(patched)
     return patched
 
 
@@ -257,6 +259,19 @@ def restore(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _original_forwards(model: nn.Module):
+    """Temporarily give every patched module its original forward back."""
+    patched = optimized_sites(model)
+    for site in patched:
+        _unpatch(site)
+    try:
+        yield
+    finally:
+        for site in patched:
+            site.module.forward = site.planned_forward
+
+
 def optimized_sites(model: nn.Module) -> list[PatchedSite]:
     """The sites `optimize` patched on `model` (empty if none)."""
     state = getattr(model, _STATE, None)
@@ -270,7 +285,8 @@ def explain(model: nn.Module, example_inputs: tuple = (), *, example_kwargs: dic
     """A row per LoRA site (its plan against the stock program, for the N of the example call) and a row per
     layer left alone with the reason. Does not change the model."""
     config = OptimizeConfig.from_options({k: v for k, v in options.items() if k != "inner"})
-    found = match_model(model, tuple(example_inputs), dict(example_kwargs or {}))
+    with _original_forwards(model):  # an optimized model is explained as what it optimizes
+        found = match_model(model, tuple(example_inputs), dict(example_kwargs or {}))
     rows, skipped, seen = [], list(found.skipped), set()
     for graph, result in zip(found.captured.graphs, found.results):
         for site in result.sites:

@@ -17,6 +17,11 @@ class SiteRow:
         return {"module": self.module_path, **self.plan.to_dict()}
 
 
+def _dtype_label(spec) -> str:
+    """The base's format: its dtype, or the 4-bit quant type for a QLoRA base."""
+    return spec.quant.label if spec.quant is not None else str(spec.dtype).replace("torch.", "")
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
@@ -49,14 +54,14 @@ class Report:
         if not self.sites and not self.skipped:
             return "runlora_fx: no LoRA layers found in this model; nothing to optimize."
         w = max([len(r.module_path) for r in self.sites] + [6]) + 2
-        head = (f"  {'module':<{w}}{'N':>6}{'i':>6}{'o':>6}{'r':>5} {'dtype':<9}{'program':<32}"
+        head = (f"  {'module':<{w}}{'N':>6}{'i':>6}{'o':>6}{'r':>5} {'dtype':<18}{'program':<32}"
                 f"{'GFLOP':>8}{'stock':>8}{'saved MiB':>10}{'stock':>8}{'est ms':>8}{'stock':>8}")
         lines = [head, "  " + "-" * (len(head) - 2)]
         for row in self.sites:
             p, s = row.plan, row.plan.spec
             lines.append(
                 f"  {row.module_path:<{w}}{s.n:>6}{s.in_features:>6}{s.out_features:>6}"
-                f"{','.join(str(a.rank) for a in s.adapters):>5} {str(s.dtype)[6:]:<9}{p.key:<32}"
+                f"{','.join(str(a.rank) for a in s.adapters):>5} {_dtype_label(s):<18}{p.key:<32}"
                 f"{p.cost.flops / 1e9:>8.3f}{p.stock.flops / 1e9:>8.3f}{_mib(p.cost.saved_bytes):>10}"
                 f"{_mib(p.stock.saved_bytes):>8}{p.cost.time * 1e3:>8.2f}{p.stock.time * 1e3:>8.2f}")
         t = self.totals()

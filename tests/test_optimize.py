@@ -224,3 +224,13 @@ def test_model_without_lora_is_unchanged_and_says_so():
 def test_bad_options_raise(options, match):
     with pytest.raises(ValueError, match=match):
         runlora_fx.optimize(nn.Linear(2, 2), (torch.randn(1, 2),), **options)
+
+
+def test_explain_on_an_optimized_model_reports_its_sites_and_keeps_it_optimized():
+    model = tiny_llama(0.0)
+    optimized(model)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    planned = q.forward
+    report = runlora_fx.explain(model, example_kwargs={"input_ids": tokens()})
+    assert len(report.sites) == 7 and not report.any_graph_break
+    assert q.forward is planned  # patched again afterwards
