@@ -1,0 +1,279 @@
+"""Model benchmark: one full training step (forward, backward, AdamW step) of a LoRA LLaMA, contenders interleaved.
+
+Models are the RunLoRA paper's LLaMA configs (60m: hidden 512, ffn 1376, 8 layers, 8 heads; 130m: 768, 2048,
+12, 12) built from `LlamaConfig` with random weights and a 4096-token vocabulary (the paper's 32000 would make
+the LM head, which no LoRA touches, a large share of a CPU step). LoRA on all seven projections.
+
+Contenders (each its own deep copy of the same initial model and its own AdamW):
+
+* ``peft_eager``: the peft model as is.
+* ``peft_inductor``: ``torch.compile(model)`` (inductor).
+* ``optimize``: ``runlora_fx.optimize(model)`` (planned nodes patched in place, eager otherwise).
+* ``runlora``: ``torch.compile(model, backend="runlora")`` (LoRA sites rewritten, then inductor).
+
+The first call of each contender (compilation, planning) is timed separately as ``first_call_s``.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .common import DTYPES, SavedBytes, log, loadavg, markdown_table
+from .harness import geomean, interleaved, ratio_stats, summarize
+
+MODELS = {
+    "60m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+    "130m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+    # quick mode only: the 60m widths with two layers (a smoke run of the same code, not a paper config)
+    "60m-1l": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=1, num_attention_heads=8),
+}
+VOCAB = 4096
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (batch, sequence) per (model, dtype): chosen so that a peft eager step takes about 1-3 s on this 2-core CPU.
+TOKENS = {("60m", "float32"): (1, 256), ("60m", "bfloat16"): (2, 256),
+          ("130m", "float32"): (1, 128), ("130m", "bfloat16"): (1, 256),
+          ("60m-1l", "float32"): (2, 128), ("60m-1l", "bfloat16"): (2, 128)}
+CONTENDERS = ("peft_eager", "peft_inductor", "optimize", "runlora")
+RATIOS = [("peft_eager", "optimize"), ("peft_eager", "runlora"), ("peft_inductor", "runlora"),
+          ("peft_inductor", "optimize"), ("peft_eager", "peft_inductor")]  # speedups: baseline time / contender
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    model: str
+    rank: int
+    dropout: float
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        return f"llama-{self.model} r={self.rank} p={self.dropout:g} {self.dtype}"
+
+
+@dataclass
+class ModelConfig:
+    models: tuple = ("60m", "130m")
+    ranks: tuple = (8, 128)
+    dropouts: tuple = (0.0, 0.05)
+    dtypes: tuple = ("float32", "bfloat16")
+    contenders: tuple = CONTENDERS
+    repeats: int = 5
+    warmup: int = 1
+    tokens: dict = field(default_factory=lambda: {f"{m}/{d}": v for (m, d), v in TOKENS.items()})
+    # "layers": each decoder layer compiled (one graph, reused by every block); "model": the whole model at once
+    # (a cold inductor compile of the 8-layer 60m took 354 s here, against tens of seconds for one block)
+    compile_scope: str = "layers"
+
+    def rows(self) -> list[ModelRow]:
+        """Rows in priority order (a run cut short by its budget keeps the most telling ones): the paper's setting
+        (r 8) with dropout first, then r 128 without, then the other two; fp32 before bf16; both models each."""
+        pairs = [(8, 0.05), (128, 0.0), (8, 0.0), (128, 0.05)]
+        pairs = [(r, p) for r, p in pairs if r in self.ranks and p in self.dropouts]
+        pairs += [(r, p) for r in self.ranks for p in self.dropouts if (r, p) not in pairs]
+        return [ModelRow(m, r, p, d) for r, p in pairs for d in self.dtypes for m in self.models]
+
+
+QUICK = ModelConfig(models=("60m-1l",), ranks=(8,), dropouts=(0.05,), dtypes=("float32",), repeats=3)
+
+
+def build_peft_model(row: ModelRow, seed: int = 0):
+    """The peft LLaMA of a row, in train mode, in the row's dtype (adapters included)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    spec = MODELS[row.model]
+    cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=1024, num_key_value_heads=spec["num_attention_heads"],
+                      **spec)
+    model = LlamaForCausalLM(cfg)
+    model = get_peft_model(model, LoraConfig(r=row.rank, lora_alpha=2 * row.rank, lora_dropout=row.dropout,
+                                             target_modules=TARGETS))
+    with torch.no_grad():  # peft starts B at zero; random B is what the layers see once training has moved
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model.to(DTYPES[row.dtype]).train()
+
+
+def batch_for(row: ModelRow, cfg: ModelConfig, seed: int = 0) -> torch.Tensor:
+    b, s = cfg.tokens[f"{row.model}/{row.dtype}"]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (b, s), generator=g)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The transformer blocks of a (peft-wrapped) HF causal LM: the ModuleList named ``layers``."""
+    for path, mod in model.named_modules():
+        if path.endswith("layers") and isinstance(mod, torch.nn.ModuleList):
+            return mod
+    raise ValueError("no ModuleList named 'layers' in the model")
+
+
+def compile_model(model, backend, scope: str):
+    """``torch.compile`` the whole model, or each decoder layer in place (PyTorch's regional compilation: the
+    blocks share one compiled graph, so a cold compile costs one block instead of all of them)."""
+    if scope == "model":
+        return torch.compile(model, backend=backend)
+    if scope != "layers":
+        raise ValueError(f"compile scope must be 'layers' or 'model', got {scope!r}")
+    for block in decoder_layers(model):
+        block.compile(backend=backend)
+    return model
+
+
+def contender_model(name: str, model, scope: str = "layers"):
+    """Wrap or patch a fresh copy of `model` as contender `name`; returns (model, note) or (None, why skipped)."""
+    import runlora_fx
+
+    if name == "peft_eager":
+        return model, None
+    if name == "peft_inductor":
+        return compile_model(model, "inductor", scope), None
+    if name == "optimize":
+        optimize = getattr(runlora_fx, "optimize", None)
+        if optimize is None:
+            return None, "runlora_fx.optimize does not exist yet in this checkout: contender skipped"
+        out = optimize(model)
+        return (out if isinstance(out, torch.nn.Module) else model), None
+    if name == "runlora":
+        return compile_model(model, _runlora_backend(), scope), None
+    raise ValueError(f"unknown contender {name!r}; valid: {', '.join(CONTENDERS)}")
+
+
+def _runlora_backend():
+    """The string "runlora" when the entry point is registered, else the backend function itself."""
+    try:
+        torch._dynamo.lookup_backend("runlora")
+        return "runlora"
+    except Exception:
+        from runlora_fx.backend import runlora_backend
+
+        return runlora_backend
+
+
+def train_step(model, ids: torch.Tensor):
+    """A closure running one training step of `model` with its own AdamW."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def saved_for_backward(model, ids: torch.Tensor) -> dict:
+    """Exact bytes the forward keeps for backward (parameters and buffers excluded), for one step."""
+    counter = SavedBytes(list(model.parameters()) + list(model.buffers()))
+    with counter.hooks():
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    return counter.to_dict()
+
+
+def run_row(row: ModelRow, cfg: ModelConfig) -> dict:
+    t_start = time.perf_counter()
+    base = build_peft_model(row)
+    ids = batch_for(row, cfg)
+    steps, first, notes, models = {}, {}, {}, {}
+    for name in cfg.contenders:
+        m, note = contender_model(name, base if name == "peft_eager" else copy.deepcopy(base), cfg.compile_scope)
+        if m is None:
+            notes[name] = note
+            log(f"  {name}: {note}")
+            continue
+        models[name] = m
+        steps[name] = train_step(m, ids)
+        t0 = time.perf_counter()
+        try:
+            steps[name]()
+        except Exception as exc:  # report, do not hide: a contender that fails is a finding
+            notes[name] = f"first step failed: {type(exc).__name__}: {exc}"[:500]
+            log(f"  {name}: {notes[name]}")
+            del steps[name], models[name]
+            continue
+        first[name] = time.perf_counter() - t0
+        log(f"  {name}: first call {first[name]:.1f} s")
+    times = interleaved(steps, repeats=cfg.repeats, warmup=cfg.warmup)
+    saved = {name: saved_for_backward(m, ids) for name, m in models.items()}
+    ratios = {f"{a}/{b}": ratio_stats(times, a, b) for a, b in RATIOS if a in times and b in times}
+    reports = _runlora_reports()
+    return {"row": asdict(row), "name": row.name, "tokens": list(ids.shape), "times_s": times,
+            "summary": summarize(times), "speedups": ratios, "first_call_s": first, "notes": notes,
+            "saved_for_backward": saved, "runlora_backend_report": reports, "loadavg": loadavg(),
+            "wall_s": time.perf_counter() - t_start}
+
+
+def _runlora_reports():
+    try:
+        from runlora_fx import backend
+
+        return [{"rewritten": r.get("rewritten"), "skipped": [str(s) for s in r.get("skipped", [])]}
+                for r in backend.last_reports[-4:]]
+    except Exception:  # pragma: no cover
+        return None
+
+
+def aggregate(rows: list[dict]) -> dict:
+    out: dict = {"rows": len(rows)}
+    for key in ("peft_eager/runlora", "peft_inductor/runlora", "peft_eager/optimize", "peft_inductor/optimize"):
+        vals = [r["speedups"][key]["median"] for r in rows if key in r["speedups"]]
+        if vals:
+            out[key] = {"geomean": geomean(vals), "min": min(vals), "max": max(vals), "rows": len(vals)}
+    for name in ("optimize", "runlora", "peft_inductor"):
+        fr = [r["saved_for_backward"][name]["bytes"] / r["saved_for_backward"]["peft_eager"]["bytes"]
+              for r in rows if name in r["saved_for_backward"] and "peft_eager" in r["saved_for_backward"]]
+        if fr:
+            out[f"saved {name}/peft_eager"] = {"max": max(fr), "min": min(fr)}
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    header = ["model", "r", "p", "dtype", "tokens", "eager s", "inductor s", "optimize s", "runlora s",
+              "vs eager (runlora)", "vs inductor (runlora)", "vs eager (optimize)", "saved MiB eager/ind/opt/rl"]
+    body = []
+    for r in rows:
+        row, med = r["row"], {k: v["median"] for k, v in r["summary"].items()}
+        sp = r["speedups"]
+        sv = r["saved_for_backward"]
+        mib = "/".join(f"{sv[c]['bytes'] / 2**20:.1f}" if c in sv else "-" for c in CONTENDERS)
+        body.append([row["model"], row["rank"], row["dropout"], row["dtype"], "x".join(map(str, r["tokens"])),
+                     med.get("peft_eager"), med.get("peft_inductor"), med.get("optimize"), med.get("runlora"),
+                     sp.get("peft_eager/runlora", {}).get("median"), sp.get("peft_inductor/runlora", {}).get("median"),
+                     sp.get("peft_eager/optimize", {}).get("median"), mib])
+    return markdown_table(header, body)
+
+
+RECOMPILE_LIMIT = 64  # regional compilation: blocks x requires_grad variants x backends share one code object
+
+
+def run(cfg: ModelConfig, on_row=None, budget_s: float | None = None) -> dict:
+    rows = cfg.rows()
+    log(f"model: {len(rows)} rows")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           16 * RECOMPILE_LIMIT)
+    done, skipped, t_start = [], [], time.perf_counter()
+    for idx, row in enumerate(rows):
+        if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            skipped = [{"row": asdict(r), "reason": f"not run: the suite's time budget ({budget_s:.0f} s) was spent"}
+                       for r in rows[idx:]]
+            log(f"model: budget spent, {len(skipped)} rows not run")
+            break
+        log(f"model {idx + 1}/{len(rows)} {row.name}")
+        res = run_row(row, cfg)
+        done.append(res)
+        sp = res["speedups"]
+        log(f"model {row.name}: " + ", ".join(f"{k} {v['median']:.3f}x" for k, v in sp.items()))
+        torch._dynamo.reset()  # each row is a new model: drop the compiled code of the last one
+        if on_row:
+            on_row({"config": asdict(cfg), "rows": done, "aggregate": aggregate(done)})
+    return {"config": asdict(cfg), "rows": done, "not_run": skipped, "aggregate": aggregate(done)}

@@ -1,0 +1,87 @@
+"""Where the time goes, op by op, for one layer row or one model row: the "why" behind a missed figure.
+
+    python -m benchmarks.profile layer 512 1376 2048 8 bfloat16 0.05
+    python -m benchmarks.profile model 60m 8 0.05 float32
+
+Each contender runs `calls` times under `torch.profiler` (after a warm-up); the table lists, per contender, the
+ops with the most self CPU time and their share of the contender's total, so two contenders' tables can be
+read side by side (the profiler's own overhead is in every table alike).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from torch.profiler import ProfilerActivity, profile
+
+
+def op_table(fn, calls: int = 5, top: int = 12) -> dict:
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    return {"total_ms_per_call": total / 1e3 / calls,
+            "ops": [{"op": e.key, "calls_per_call": e.count / calls, "ms_per_call": e.self_cpu_time_total / 1e3 / calls,
+                     "share": e.self_cpu_time_total / total} for e in events[:top]]}
+
+
+def layer(i: int, o: int, n: int, r: int, dtype: str, p: float, calls: int = 5) -> dict:
+    from .layer import Case, Row, paper_plan
+    from runlora_fx.planner.device import get_profile
+
+    case = Case(Row(i, o, n, r, dtype, p), 2.0)
+    spec = case.spec()
+    planned = case.runner.plan_for(spec, case.x.device)
+    out = {"row": f"{i}x{o} N={n} r={r} {dtype} p={p:g}", "runlora_fx plan": planned.key,
+           "paper plan": paper_plan(spec, get_profile("cpu")).key}
+    for name, fn in (("base", case.fn_base()), ("peft", case.fn_peft()), ("runlora_fx", case.fn_runner()),
+                     ("paper", case.fn_plan(paper_plan(spec, get_profile("cpu"))))):
+        out[name] = op_table(fn, calls)
+    return out
+
+
+def model(name: str, rank: int, p: float, dtype: str, contenders=("peft_eager", "optimize"), calls: int = 2) -> dict:
+    import copy
+
+    from . import model as mb
+
+    row = mb.ModelRow(name, rank, p, dtype)
+    cfg = mb.ModelConfig()
+    ids = mb.batch_for(row, cfg)
+    base = mb.build_peft_model(row)
+    out = {"row": row.name, "tokens": list(ids.shape)}
+    for c in contenders:
+        m, note = mb.contender_model(c, copy.deepcopy(base), cfg.compile_scope)
+        if m is None:
+            out[c] = note
+            continue
+        out[c] = op_table(mb.train_step(m, ids), calls, top=15)
+    return out
+
+
+def _print(result: dict) -> None:
+    for k, v in result.items():
+        if isinstance(v, dict) and "ops" in v:
+            print(f"\n== {k}: {v['total_ms_per_call']:.1f} ms of op self time per call")
+            for op in v["ops"]:
+                print(f"  {op['ms_per_call']:9.2f} ms  {op['share'] * 100:5.1f}%  x{op['calls_per_call']:<5g} {op['op']}")
+        else:
+            print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    kind, *rest = sys.argv[1:]
+    if kind == "layer":
+        i, o, n, r, dt, p = rest
+        res = layer(int(i), int(o), int(n), int(r), dt, float(p))
+    elif kind == "model":
+        m, r, p, dt, *cs = rest
+        res = model(m, int(r), float(p), dt, tuple(cs) or ("peft_eager", "optimize"))
+    else:
+        raise SystemExit(__doc__)
+    _print(res)
+    if "--json" in sys.argv:
+        print(json.dumps(res))
