@@ -1,0 +1,206 @@
+"""Flora vs Adafactor (full momentum) vs LoRA at the same optimizer-state memory, on byte-level language modelling.
+
+A small LLaMA (from ``LlamaConfig``, random init, no downloads) learns the bytes of the Python standard library's
+top-level ``*.py`` files; every 10th file (sorted by name) is held out for evaluation. All methods share the
+model init, the data order, the optimizer family (Adafactor, beta1=0.9, absolute lr, warmup then constant) and
+train the embeddings, lm_head and norms the same way (full Adafactor); they differ only on the 28 matrices of the
+decoder blocks:
+
+* ``adafactor``: full momentum (transformers' Adafactor),
+* ``adafactor-no-momentum``: ``beta1=None`` on the block matrices: no first-moment state there at all,
+* ``flora``: momentum compressed to ``rank`` rows (runlora_fx.train.Flora), one run per ``--kappa``,
+* ``lora``: the block matrices frozen, peft LoRA adapters of rank ``--lora-rank`` trained instead; by default the
+  rank whose optimizer state is closest to Flora's.
+
+    .venv/bin/python examples/flora_compare.py            # ~7 CPU-minutes per method, 5 methods
+    .venv/bin/python examples/flora_compare.py --steps 50 # smoke test
+
+Results and their reading: docs/FLORA.md.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sysconfig
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.optimization import Adafactor
+
+from runlora_fx.train import Flora
+
+BLOCK_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def load_bytes(held_out_every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and held-out byte streams from the stdlib's top-level modules (offline, deterministic per Python)."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    train, held = bytearray(), bytearray()
+    for i, path in enumerate(files):
+        with open(path, "rb") as f:
+            (held if i % held_out_every == 0 else train).extend(f.read())
+    return torch.frombuffer(train, dtype=torch.uint8).long(), torch.frombuffer(held, dtype=torch.uint8).long()
+
+
+def batches(data: torch.Tensor, steps: int, batch: int, seq: int, seed: int) -> list[torch.Tensor]:
+    """The same random windows for every method."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, data.numel() - seq, (steps, batch), generator=gen)
+    return [torch.stack([data[s : s + seq] for s in row.tolist()]) for row in starts]
+
+
+def build_model(seed: int, seq: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=seq, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def is_block_matrix(name: str) -> bool:
+    return any(f".{m}." in name for m in BLOCK_MATRICES)
+
+
+def adafactor_state_numel(params: list[torch.Tensor]) -> int:
+    """Adafactor with momentum: numel (momentum) + factored second moment (m + n) or numel for 1-D."""
+    return sum(p.numel() + (sum(p.shape) if p.dim() == 2 else p.numel()) for p in params)
+
+
+def flora_state_numel(params: list[torch.Tensor], rank: int) -> int:
+    return sum(rank * max(p.shape) + sum(p.shape) for p in params)
+
+
+def lora_model(model: LlamaForCausalLM, rank: int) -> torch.nn.Module:
+    """LoRA on the block matrices; embeddings, lm_head and norms stay trainable like in the other methods."""
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(BLOCK_MATRICES))
+    peft_model = get_peft_model(model, config)
+    for name, p in peft_model.named_parameters():
+        if "lora_" not in name and not is_block_matrix(name):
+            p.requires_grad_(True)
+    return peft_model
+
+
+def matched_lora_rank(model: LlamaForCausalLM, flora_rank: int) -> int:
+    """The LoRA rank whose Adafactor state on the adapters is closest to Flora's on the block matrices."""
+    mats = [p for n, p in model.named_parameters() if is_block_matrix(n)]
+    target = flora_state_numel(mats, flora_rank)
+
+    def lora_numel(r: int) -> int:
+        return sum(adafactor_state_numel([p.new_empty(r, p.shape[1]), p.new_empty(p.shape[0], r)]) for p in mats)
+
+    return min(range(1, 4 * flora_rank + 1), key=lambda r: abs(lora_numel(r) - target))
+
+
+def make_optimizer(method: str, model: torch.nn.Module, args, kappa: int | None):
+    """Adafactor everywhere; Flora compresses the block matrices' momentum only (the other group never compresses)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    common = dict(lr=args.lr, beta1=0.9, scale_parameter=False, relative_step=False)
+    if method == "adafactor-no-momentum":
+        blocks = [p for n, p in named if is_block_matrix(n)]
+        others = [p for n, p in named if not is_block_matrix(n)]
+        return Adafactor([{"params": blocks, "beta1": None}, {"params": others}], warmup_init=False, **common)
+    if method != "flora":
+        return Adafactor([p for _, p in named], warmup_init=False, **common)
+    blocks = [p for n, p in named if is_block_matrix(n)]
+    others = [p for n, p in named if not is_block_matrix(n)]
+    return Flora([{"params": blocks}, {"params": others, "rank": 1 << 30}], rank=args.rank, kappa=kappa,
+                 seed=args.seed, **common)
+
+
+def state_bytes(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
+    """Measured bytes of the optimizer-state tensors of ``params`` (0-d bookkeeping tensors excluded)."""
+    ids = {id(p) for p in params}
+    return sum(
+        t.numel() * t.element_size()
+        for p, s in opt.state.items() if id(p) in ids
+        for t in s.values() if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, eval_batches: list[torch.Tensor]) -> float:
+    model.eval()
+    losses = [model(input_ids=b, labels=b).loss.item() for b in eval_batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def run(method: str, args, data, eval_batches, kappa: int | None = None) -> dict:
+    model = build_model(args.seed, args.seq)
+    if method == "lora":
+        model = lora_model(model, args.lora_rank)
+    opt = make_optimizer(method, model, args, kappa)
+    warmup = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    start, train_losses = time.time(), []
+    for b in batches(data, args.steps, args.batch, args.seq, args.seed + 1):
+        loss = model(input_ids=b, labels=b).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        train_losses.append(loss.item())
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    varying = [p for n, p in trained if is_block_matrix(n) or "lora_" in n]
+    common = [p for n, p in trained if not (is_block_matrix(n) or "lora_" in n)]
+    return {
+        "method": method if kappa is None else f"flora(kappa={kappa})",
+        "held_out_loss": held_out_loss(model, eval_batches),
+        "train_loss_last10pct": sum(train_losses[-max(1, args.steps // 10):]) / max(1, args.steps // 10),
+        "state_bytes_blocks": state_bytes(opt, varying),
+        "state_bytes_common": state_bytes(opt, common),
+        "trainable_params": sum(p.numel() for _, p in trained),
+        "seconds": time.time() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--rank", type=int, default=8, help="Flora projection rank")
+    parser.add_argument("--kappa", type=int, nargs="+", default=[1000, 50], help="Flora resampling intervals")
+    parser.add_argument("--lora-rank", type=int, default=None, help="default: matched to Flora's state")
+    methods = ["adafactor", "adafactor-no-momentum", "flora", "lora"]
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.lora_rank is None:
+        args.lora_rank = matched_lora_rank(build_model(args.seed, args.seq), args.rank)
+
+    train, held = load_bytes()
+    eval_batches = batches(held, 8, args.batch, args.seq, args.seed + 2)
+    print(f"train {train.numel()} bytes, held-out {held.numel()} bytes; steps={args.steps} batch={args.batch} "
+          f"seq={args.seq} lr={args.lr} flora rank={args.rank} lora rank={args.lora_rank}", flush=True)
+    plan = [("adafactor", None), ("adafactor-no-momentum", None)]
+    plan += [("flora", kappa) for kappa in args.kappa] + [("lora", None)]
+    plan = [(m, k) for m, k in plan if m in args.methods]
+    results = []
+    for method, kappa in plan:
+        results.append(run(method, args, train, eval_batches, kappa))
+        print(f"  done {results[-1]['method']}: held-out {results[-1]['held_out_loss']:.4f}", flush=True)
+    header = f"{'method':<24}{'held-out':>10}{'train':>8}{'state blocks':>14}{'state other':>13}{'trainable':>11}"
+    print(f"\n{header}{'s':>6}")
+    for r in results:
+        print(f"{r['method']:<24}{r['held_out_loss']:>10.4f}{r['train_loss_last10pct']:>8.4f}"
+              f"{r['state_bytes_blocks']:>14,}{r['state_bytes_common']:>13,}{r['trainable_params']:>11,}"
+              f"{r['seconds']:>6.0f}")
+    print(f"(initial held-out loss ln 256 = {math.log(256):.4f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
