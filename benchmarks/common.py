@@ -7,11 +7,11 @@ import platform
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
 
 import torch
+
+from runlora_fx.saved_bytes import SavedBytes  # noqa: F401 (re-exported for the suites)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -65,47 +65,6 @@ def _loadavg() -> list[float] | None:
 
 def loadavg() -> list[float] | None:
     return _loadavg()
-
-
-class SavedBytes:
-    """Bytes kept from forward to backward, counted exactly with `saved_tensors_hooks` (no timing, no noise).
-
-    A tensor is counted once per storage (x saved by two nodes is one buffer), and tensors whose storage belongs to
-    `exclude` (parameters and buffers: alive anyway) are not counted. `raw` is the plain sum over every save.
-    """
-
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
-        self.exclude = {_storage_key(t) for t in exclude}
-        self.storages: dict[tuple, int] = {}
-        self.raw = 0
-        self.count = 0
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        self.count += 1
-        self.raw += t.nbytes
-        key = _storage_key(t)
-        if key not in self.exclude and t.device.type != "meta":
-            self.storages[key] = max(self.storages.get(key, 0), t.untyped_storage().nbytes())
-        return t
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.storages.values())
-
-    @contextmanager
-    def hooks(self):
-        with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
-            yield self
-
-    def to_dict(self) -> dict:
-        return {"bytes": self.bytes, "raw_bytes": self.raw, "tensors": self.count, "storages": len(self.storages)}
-
-
-def _storage_key(t: torch.Tensor) -> tuple:
-    try:
-        return (t.device.type, t.untyped_storage().data_ptr())
-    except (RuntimeError, NotImplementedError):  # tensors without storage (fake, sparse): count by identity
-        return ("id", id(t))
 
 
 def write_json(path: Path, payload: dict) -> None:

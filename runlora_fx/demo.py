@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .api import explain, optimize, optimized_sites
+from .saved_bytes import SavedBytes
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -70,19 +71,12 @@ def batches(cfg: DemoConfig, count: int) -> list[torch.Tensor]:
 
 def saved_bytes_of_step(model, ids: torch.Tensor) -> int:
     """Bytes of the distinct non-parameter tensors autograd keeps from forward to backward in one step."""
-    params = {p.data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    counter = SavedBytes(exclude=model.parameters())
+    with counter.hooks():
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return counter.bytes
 
 
 def _step(model, opt, ids, seed):
