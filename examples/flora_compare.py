@@ -12,7 +12,7 @@ decoder blocks:
 * ``lora``: the block matrices frozen, peft LoRA adapters of rank ``--lora-rank`` trained instead; by default the
   rank whose optimizer state is closest to Flora's.
 
-    .venv/bin/python examples/flora_compare.py            # ~7 CPU-minutes per method, 5 methods
+    .venv/bin/python examples/flora_compare.py            # ~5-8 minutes on 2 CPU cores (5 runs)
     .venv/bin/python examples/flora_compare.py --steps 50 # smoke test
 
 Results and their reading: docs/FLORA.md.
