@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -67,3 +69,22 @@ def float64_truth(model, ids, seed: int = 3):
     """The same step in float64 on a deep copy: the yardstick for fp32/bf16 comparisons."""
     ref = copy.deepcopy(model).double()
     return loss_and_grads(ref, ids, seed)
+
+
+class TorchtuneLoRALinear(nn.Module):
+    """torchtune's LoRALinear forward."""
+
+    def __init__(self, i=16, o=24, rank=4, alpha=8, dropout=0.1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(o, i), requires_grad=False)
+        self.bias = nn.Parameter(torch.randn(o), requires_grad=False)
+        self.rank, self.alpha = rank, alpha
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.lora_a = nn.Linear(i, rank, bias=False)
+        self.lora_b = nn.Linear(rank, o, bias=False)
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        lora_out = self.lora_a(self.dropout(x))
+        lora_out = (self.alpha / self.rank) * self.lora_b(lora_out)
+        return out + lora_out

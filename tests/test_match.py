@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_models import TorchtuneLoRALinear
+
 from runlora_fx.passes.capture import capture
 from runlora_fx.passes.match import (FailedMatch, find_lora_params, match_model, match_site, match_sites,
                                      normalise_source)
@@ -61,25 +63,6 @@ def small_peft(dtype=torch.float32, **lora):
     config = dict(r=4, lora_alpha=8, target_modules=["proj"])
     config.update(lora)
     return get_peft_model(Small().to(dtype), LoraConfig(**config))
-
-
-class TorchtuneLoRALinear(nn.Module):
-    """torchtune's LoRALinear forward."""
-
-    def __init__(self, i=16, o=24, rank=4, alpha=8, dropout=0.1):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(o, i), requires_grad=False)
-        self.bias = nn.Parameter(torch.randn(o), requires_grad=False)
-        self.rank, self.alpha = rank, alpha
-        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
-        self.lora_a = nn.Linear(i, rank, bias=False)
-        self.lora_b = nn.Linear(rank, o, bias=False)
-
-    def forward(self, x):
-        out = F.linear(x, self.weight, self.bias)
-        lora_out = self.lora_a(self.dropout(x))
-        lora_out = (self.alpha / self.rank) * self.lora_b(lora_out)
-        return out + lora_out
 
 
 class LoralibLinear(nn.Module):

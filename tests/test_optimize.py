@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from lora_models import assert_step_matches, float64_truth, loss_and_grads, tiny_llama, tokens
+from lora_models import TorchtuneLoRALinear, assert_step_matches, float64_truth, loss_and_grads, tiny_llama, tokens
 from torch import nn
 
 import runlora_fx
@@ -138,20 +137,6 @@ class Wrapped(nn.Module):
 
     def forward(self, x):
         return self.head(torch.tanh(self.inner(x)))
-
-
-class TorchtuneLoRALinear(nn.Module):
-    def __init__(self, i=16, o=24, rank=4, alpha=8, dropout=0.1):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(o, i), requires_grad=False)
-        self.bias = nn.Parameter(torch.randn(o), requires_grad=False)
-        self.rank, self.alpha = rank, alpha
-        self.dropout = nn.Dropout(p=dropout)
-        self.lora_a = nn.Linear(i, rank, bias=False)
-        self.lora_b = nn.Linear(rank, o, bias=False)
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + (self.alpha / self.rank) * self.lora_b(self.lora_a(self.dropout(x)))
 
 
 class HandWritten(nn.Module):
