@@ -14,6 +14,7 @@ from runlora_fx.planner.cost import price
 from runlora_fx.planner.device import default_profile
 from runlora_fx.planner.expr import AdapterSpec, SiteSpec, build_steps, enumerate_programs
 from runlora_fx.planner.plan import Plan
+from runlora_fx.saved_bytes import SavedBytes
 
 PROFILE = default_profile("cpu")
 
@@ -154,20 +155,12 @@ def test_saved_bytes_equal_what_autograd_observes(dropout, training, grads, adap
     configs = [AdapterConfig(1.5, dropout), AdapterConfig(0.5, dropout)]
     case = make_case(1, (3, 5), 24, 16, [4, 6], False, False, torch.float64, adapter_dtype, grads)
     spec = spec_of(case, configs, training)
-    params = {id(t) for t in [case[1]] + [t for ad in case[3] for t in ad if t is not None]}
     for plan in all_plans(spec):
         x, weight, b, adapters = clone_case(*case)
-        params = {weight.data_ptr()} | {t.data_ptr() for ad in adapters for t in ad if t is not None}
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            if t.data_ptr() not in params:
-                seen[t.data_ptr()] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        counter = SavedBytes(exclude=[weight] + [t for ad in adapters for t in ad if t is not None])
+        with counter.hooks():
             run_plan(plan, x, weight, b, adapters)
-        assert sum(seen.values()) == plan.cost.saved_bytes, plan.key
+        assert counter.bytes == plan.cost.saved_bytes, plan.key
 
 
 def test_stock_program_saved_bytes_equal_peft_reference_under_autograd():
@@ -177,17 +170,10 @@ def test_stock_program_saved_bytes_equal_peft_reference_under_autograd():
         configs = [AdapterConfig(2.0, dropout)]
         case = make_case(0, (6,), 20, 12, [4], False, False, torch.float32, torch.float32, (True, True, True))
         spec = spec_of(case, configs, True)
-        seen = {}
-        params = {case[1].data_ptr()} | {t.data_ptr() for t in case[3][0] if t is not None}
-
-        def pack(t):
-            if t.data_ptr() not in params:
-                seen[t.data_ptr()] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        counter = SavedBytes(exclude=[case[1]] + [t for t in case[3][0] if t is not None])
+        with counter.hooks():
             peft_reference(*case, configs, True)
-        assert sum(seen.values()) == stock_plan(spec, PROFILE).cost.saved_bytes
+        assert counter.bytes == stock_plan(spec, PROFILE).cost.saved_bytes
 
 
 def test_runner_dispatches_a_plan_per_n():

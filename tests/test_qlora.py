@@ -38,6 +38,7 @@ from runlora_fx.planner.expr import (  # noqa: E402
     AdapterSpec, QuantSpec, SiteSpec, build_steps, enumerate_programs, stock_program)
 from runlora_fx.planner.plan import Plan  # noqa: E402
 from runlora_fx.planner.search import SearchOptions, search, stock_plan  # noqa: E402
+from runlora_fx.saved_bytes import SavedBytes  # noqa: E402
 
 PROFILE = default_profile("cpu")
 FORMATS = list(itertools.product(("nf4", "fp4"), (True, False), (torch.float32, torch.bfloat16)))
@@ -245,19 +246,11 @@ def test_saved_bytes_equal_what_autograd_observes_and_stock_is_peft():
     x = torch.randn(6, 128, requires_grad=True)
     runner = runner_of(layer, 0.1)
     spec = runner.spec_for(x, base.weight, base.bias, [(a, b, None)], True)
-    params = {t.data_ptr() for t in (base.weight, base.bias, a, b)}
-
     def observed(fn) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            if t.data_ptr() not in params:
-                seen[t.data_ptr()] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        counter = SavedBytes(exclude=(base.weight, base.bias, a, b))
+        with counter.hooks():
             fn()
-        return sum(seen.values())
+        return counter.bytes
 
     for plan in all_plans(spec):
         got = observed(lambda: run_plan(plan, x, base.weight, base.bias, [(a, b, None)], runner.constants()))

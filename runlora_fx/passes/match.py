@@ -461,22 +461,23 @@ def _is_product(b: _Linear, x: fx.Node) -> bool:
     return False
 
 
-def _peek_product(node: Any, x: fx.Node) -> _Linear | None:
-    """A LoRA product B(...) reachable from `node` through casts and constant scales, else None."""
+def _strip_scales_and_casts(node: Any) -> Any:
+    """The node below any constant scales and dtype casts (at most 8 of them) on top of `node`."""
     for _ in range(8):
-        if not isinstance(node, fx.Node):
-            return None
-        lin = _linear(node)
-        if lin is not None:
-            return lin if _is_product(lin, x) else None
         scaled = _scale(node)
         if isinstance(scaled, tuple):
             node = scaled[0]
         elif _cast(node) is not None:
             node = node.args[0]
         else:
-            return None
-    return None
+            break
+    return node
+
+
+def _peek_product(node: Any, x: fx.Node) -> _Linear | None:
+    """A LoRA product B(...) reachable from `node` through casts and constant scales, else None."""
+    lin = _linear(_strip_scales_and_casts(node)) if isinstance(node, fx.Node) else None
+    return lin if lin is not None and _is_product(lin, x) else None
 
 
 def _unknown_op(where: str, node: fx.Node, x: fx.Node, evidence: bool) -> FailedMatch:
@@ -863,16 +864,7 @@ def _unclaimed_products(gm: fx.GraphModule, claimed: set[fx.Node], ctx: _Ctx) ->
         b = _linear(node)
         if b is None or node in claimed:
             continue
-        cur = b.input
-        for _ in range(8):  # through constant scales and casts to lora_A
-            scaled = _scale(cur)
-            if isinstance(scaled, tuple):
-                cur = scaled[0]
-            elif _cast(cur) is not None:
-                cur = cur.args[0]
-            else:
-                break
-        a = _linear(cur)
+        a = _linear(_strip_scales_and_casts(b.input))  # through constant scales and casts to lora_A
         if a is None or a.node in claimed or not _low_rank(b, a.input):  # A is right above: evidence enough
             continue
         users = sorted(node.users, key=lambda n: ctx.order.get(n, -1))
