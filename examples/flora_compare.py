@@ -1,19 +1,23 @@
 """Flora vs Adafactor (full momentum) vs LoRA at the same optimizer-state memory, on byte-level language modelling.
 
 A small LLaMA (from ``LlamaConfig``, random init, no downloads) learns the bytes of the Python standard library's
-top-level ``*.py`` files; every 10th file (sorted by name) is held out for evaluation. All methods share the
-model init, the data order, the optimizer family (Adafactor, beta1=0.9, absolute lr, warmup then constant) and
-train the embeddings, lm_head and norms the same way (full Adafactor); they differ only on the 28 matrices of the
-decoder blocks:
+top-level ``*.py`` files. Files are split by name: every 10th (i % 10 == 0) is the test set the results report,
+another 10th (i % 10 == 5) is a validation set used only to pick each method's learning rate, the rest is
+trained on. All methods share the model init, the data order, the optimizer family (Adafactor, beta1=0.9,
+absolute lr, warmup then constant) and train the embeddings, lm_head and norms the same way (full Adafactor);
+they differ only on the 28 matrices of the decoder blocks:
 
 * ``adafactor``: full momentum (transformers' Adafactor),
 * ``adafactor-no-momentum``: ``beta1=None`` on the block matrices: no first-moment state there at all,
-* ``flora``: momentum compressed to ``rank`` rows (runlora_fx.train.Flora), one run per ``--kappa``,
+* ``flora``: momentum compressed to ``rank`` rows (runlora_fx.train.Flora), one run per ``--kappas`` value,
 * ``lora``: the block matrices frozen, peft LoRA adapters of rank ``--lora-rank`` trained instead; by default the
   rank whose optimizer state is closest to Flora's.
 
-    .venv/bin/python examples/flora_compare.py            # ~5-8 minutes on 2 CPU cores (5 runs)
-    .venv/bin/python examples/flora_compare.py --steps 50 # smoke test
+Every method is run at every learning rate of ``--lrs`` (the same grid for all); the summary reports, per method,
+the lr with the lowest validation loss and the test loss there, and the whole grid is printed too.
+
+    .venv/bin/python examples/flora_compare.py --jobs 2 --threads 1   # the docs' table: 15 runs, ~20-30 min
+    .venv/bin/python examples/flora_compare.py --steps 30 --lrs 1e-3 --kappas 10   # smoke test
 
 Results and their reading: docs/FLORA.md.
 """
@@ -23,6 +27,7 @@ import argparse
 import glob
 import json
 import math
+import multiprocessing
 import os
 import sysconfig
 import time
@@ -37,14 +42,18 @@ from runlora_fx.train import Flora
 BLOCK_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def load_bytes(held_out_every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and held-out byte streams from the stdlib's top-level modules (offline, deterministic per Python)."""
+def load_bytes(every: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train, validation and test byte streams from the stdlib's top-level modules, split by file.
+
+    Sorted by name, file ``i`` is test if ``i % every == 0``, validation if ``i % every == every // 2``, else train
+    (offline, deterministic per Python version).
+    """
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    train, held = bytearray(), bytearray()
+    train, val, test = bytearray(), bytearray(), bytearray()
     for i, path in enumerate(files):
         with open(path, "rb") as f:
-            (held if i % held_out_every == 0 else train).extend(f.read())
-    return torch.frombuffer(train, dtype=torch.uint8).long(), torch.frombuffer(held, dtype=torch.uint8).long()
+            (test if i % every == 0 else val if i % every == every // 2 else train).extend(f.read())
+    return tuple(torch.frombuffer(b, dtype=torch.uint8).long() for b in (train, val, test))
 
 
 def batches(data: torch.Tensor, steps: int, batch: int, seq: int, seed: int) -> list[torch.Tensor]:
@@ -97,10 +106,10 @@ def matched_lora_rank(model: LlamaForCausalLM, flora_rank: int) -> int:
     return min(range(1, 4 * flora_rank + 1), key=lambda r: abs(lora_numel(r) - target))
 
 
-def make_optimizer(method: str, model: torch.nn.Module, args, kappa: int | None):
+def make_optimizer(method: str, model: torch.nn.Module, args, kappa: int | None, lr: float):
     """Adafactor everywhere; Flora compresses the block matrices' momentum only (the other group never compresses)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    common = dict(lr=args.lr, beta1=0.9, scale_parameter=False, relative_step=False)
+    common = dict(lr=lr, beta1=0.9, scale_parameter=False, relative_step=False)
     if method == "adafactor-no-momentum":
         blocks = [p for n, p in named if is_block_matrix(n)]
         others = [p for n, p in named if not is_block_matrix(n)]
@@ -124,22 +133,23 @@ def state_bytes(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def held_out_loss(model: torch.nn.Module, eval_batches: list[torch.Tensor]) -> float:
+def eval_loss(model: torch.nn.Module, eval_batches: list[torch.Tensor]) -> float:
     model.eval()
     losses = [model(input_ids=b, labels=b).loss.item() for b in eval_batches]
     model.train()
     return sum(losses) / len(losses)
 
 
-def run(method: str, args, data, eval_batches, kappa: int | None = None) -> dict:
+def run(method: str, args, lr: float, kappa: int | None, data: dict) -> dict:
+    torch.set_num_threads(args.threads)
     model = build_model(args.seed, args.seq)
     if method == "lora":
         model = lora_model(model, args.lora_rank)
-    opt = make_optimizer(method, model, args, kappa)
+    opt = make_optimizer(method, model, args, kappa, lr)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     start, train_losses = time.time(), []
-    for b in batches(data, args.steps, args.batch, args.seq, args.seed + 1):
+    for b in batches(data["train"], args.steps, args.batch, args.seq, args.seed + 1):
         loss = model(input_ids=b, labels=b).loss
         loss.backward()
         opt.step()
@@ -149,10 +159,13 @@ def run(method: str, args, data, eval_batches, kappa: int | None = None) -> dict
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     varying = [p for n, p in trained if is_block_matrix(n) or "lora_" in n]
     common = [p for n, p in trained if not (is_block_matrix(n) or "lora_" in n)]
+    last = max(1, args.steps // 10)
     return {
         "method": method if kappa is None else f"flora(kappa={kappa})",
-        "held_out_loss": held_out_loss(model, eval_batches),
-        "train_loss_last10pct": sum(train_losses[-max(1, args.steps // 10):]) / max(1, args.steps // 10),
+        "lr": lr,
+        "val_loss": eval_loss(model, data["val_batches"]),
+        "test_loss": eval_loss(model, data["test_batches"]),
+        "train_loss_last10pct": sum(train_losses[-last:]) / last,
         "state_bytes_blocks": state_bytes(opt, varying),
         "state_bytes_common": state_bytes(opt, common),
         "trainable_params": sum(p.numel() for _, p in trained),
@@ -160,46 +173,103 @@ def run(method: str, args, data, eval_batches, kappa: int | None = None) -> dict
     }
 
 
+_DATA: dict = {}
+
+
+def _init_worker(args) -> None:
+    """Load the data once per process (the same bytes and windows in every process)."""
+    torch.set_num_threads(args.threads)
+    train, val, test = load_bytes()
+    _DATA.update(
+        train=train,
+        val_batches=batches(val, args.eval_batches, args.batch, args.seq, args.seed + 3),
+        test_batches=batches(test, args.eval_batches, args.batch, args.seq, args.seed + 2),
+        sizes=(train.numel(), val.numel(), test.numel()),
+    )
+
+
+def _run_job(job) -> dict:
+    args, method, lr, kappa = job
+    return run(method, args, lr, kappa, _DATA)
+
+
+def _key(loss: float) -> float:
+    return loss if math.isfinite(loss) else math.inf
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-3, 3e-4],
+                        help="learning-rate grid, the same for every method")
     parser.add_argument("--rank", type=int, default=8, help="Flora projection rank")
-    parser.add_argument("--kappa", type=int, nargs="+", default=[1000, 50], help="Flora resampling intervals")
+    parser.add_argument("--kappas", "--kappa", type=int, nargs="+", default=[10, 50],
+                        help="Flora resampling intervals (one Flora method per value)")
     parser.add_argument("--lora-rank", type=int, default=None, help="default: matched to Flora's state")
     methods = ["adafactor", "adafactor-no-momentum", "flora", "lora"]
     parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-batches", type=int, default=8, help="validation and test batches each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     if args.lora_rank is None:
         args.lora_rank = matched_lora_rank(build_model(args.seed, args.seq), args.rank)
 
-    train, held = load_bytes()
-    eval_batches = batches(held, 8, args.batch, args.seq, args.seed + 2)
-    print(f"train {train.numel()} bytes, held-out {held.numel()} bytes; steps={args.steps} batch={args.batch} "
-          f"seq={args.seq} lr={args.lr} flora rank={args.rank} lora rank={args.lora_rank}", flush=True)
-    plan = [("adafactor", None), ("adafactor-no-momentum", None)]
-    plan += [("flora", kappa) for kappa in args.kappa] + [("lora", None)]
+    plan = [("adafactor", None)] + [("flora", kappa) for kappa in args.kappas]
+    plan += [("lora", None), ("adafactor-no-momentum", None)]
     plan = [(m, k) for m, k in plan if m in args.methods]
-    results = []
-    for method, kappa in plan:
-        results.append(run(method, args, train, eval_batches, kappa))
-        print(f"  done {results[-1]['method']}: held-out {results[-1]['held_out_loss']:.4f}", flush=True)
-    header = f"{'method':<24}{'held-out':>10}{'train':>8}{'state blocks':>14}{'state other':>13}{'trainable':>11}"
-    print(f"\n{header}{'s':>6}")
+    # Runs are independent and deterministic (each seeds its own model, data and projections), so the order only
+    # decides what is done first: the grid in the order given, lr by lr.
+    jobs = [(args, m, lr, k) for lr in args.lrs for m, k in plan]
+    _init_worker(args)
+    n_train, n_val, n_test = _DATA["sizes"]
+    print(f"train {n_train} bytes, validation {n_val}, test {n_test}; steps={args.steps} batch={args.batch} "
+          f"seq={args.seq} lrs={args.lrs} flora rank={args.rank} kappas={args.kappas} lora rank={args.lora_rank}; "
+          f"{len(jobs)} runs, {args.jobs} at a time x {args.threads} threads", flush=True)
+    start, results = time.time(), []
+
+    def done(r: dict) -> None:
+        results.append(r)
+        print(f"  done {r['method']} lr={r['lr']:g}: val {r['val_loss']:.4f} test {r['test_loss']:.4f} "
+              f"({r['seconds']:.0f} s)", flush=True)
+        if args.json:  # rewritten after every run, so an interrupted grid keeps what finished
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs, _init_worker, (args,)) as pool:
+            for r in pool.imap_unordered(_run_job, jobs):
+                done(r)
+    else:
+        for job in jobs:
+            done(_run_job(job))
+    names = [m if k is None else f"flora(kappa={k})" for m, k in plan]
+    results.sort(key=lambda r: (names.index(r["method"]), r["lr"]))
+
+    header = f"{'method':<24}{'lr':>8}{'val':>9}{'test':>9}{'train':>8}{'state blocks':>14}{'state other':>13}"
+    print(f"\nwhole grid\n{header}{'trainable':>11}{'s':>6}")
     for r in results:
-        print(f"{r['method']:<24}{r['held_out_loss']:>10.4f}{r['train_loss_last10pct']:>8.4f}"
-              f"{r['state_bytes_blocks']:>14,}{r['state_bytes_common']:>13,}{r['trainable_params']:>11,}"
-              f"{r['seconds']:>6.0f}")
-    print(f"(initial held-out loss ln 256 = {math.log(256):.4f})")
+        print(f"{r['method']:<24}{r['lr']:>8g}{r['val_loss']:>9.4f}{r['test_loss']:>9.4f}"
+              f"{r['train_loss_last10pct']:>8.4f}{r['state_bytes_blocks']:>14,}{r['state_bytes_common']:>13,}"
+              f"{r['trainable_params']:>11,}{r['seconds']:>6.0f}")
+    best = {}
+    for r in results:
+        if r["method"] not in best or _key(r["val_loss"]) < _key(best[r["method"]]["val_loss"]):
+            best[r["method"]] = r
+    print(f"\nbest lr per method (by validation loss); test loss at that lr\n{header}")
+    for name in names:
+        r = best[name]
+        print(f"{r['method']:<24}{r['lr']:>8g}{r['val_loss']:>9.4f}{r['test_loss']:>9.4f}"
+              f"{r['train_loss_last10pct']:>8.4f}{r['state_bytes_blocks']:>14,}{r['state_bytes_common']:>13,}")
+    print(f"(initial loss ln 256 = {math.log(256):.4f}; wall time {time.time() - start:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"args": vars(args), "results": results,
+                       "best": {k: v["lr"] for k, v in best.items()}}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -134,18 +134,34 @@ def test_working_dtypes_within_stock_tolerance(dtype, adapter_dtype, dropout):
             assert e <= 4 * s + 4 * torch.finfo(dtype).eps * scale, (plan.key, k, e, s)
 
 
-def test_dropout_output_equals_torch_dropout_on_same_seed():
-    """The node draws its mask exactly as F.dropout does, so a seeded run reproduces peft bit for bit."""
-    x = torch.randn(64, 32)
+@pytest.mark.parametrize("store", ["bool", "bits", "seed", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_mask_is_torch_dropouts_on_same_seed(store, dtype):
+    """The node draws its {0, 1} mask as F.dropout draws its noise (same zeros, same RNG use afterwards), so a
+    seeded run keeps peft's mask; the kept x_d is x times the mask, the 1/(1-p) being in the scales."""
+    x = torch.randn(64, 32, dtype=dtype)
     torch.manual_seed(7)
     ref = F.dropout(x, 0.25, True)
-    spec = SiteSpec(64, 32, 32, (AdapterSpec(4, dropout=0.25),), grad_x=False, training=True)
+    after_ref = torch.rand(3)
+    spec = SiteSpec(64, 32, 32, (AdapterSpec(4, dropout=0.25),), dtype=dtype, grad_x=False, training=True)
     from runlora_fx.planner.expr import Program
-    low = build_steps(spec, Program())
+    low = build_steps(spec, Program(mask=store, keep_xd=False))
     from runlora_fx.kernels.executor import run
     torch.manual_seed(7)
-    env = run([s for s in low.forward if s.op in ("draw_mask", "mul")], {"x": x}, low.shapes)
-    assert torch.equal(env["xd0"], ref)
+    env = run([s for s in low.forward if s.op in ("rng_state", "draw_mask", "mul")], {"x": x}, low.shapes)
+    assert torch.equal(torch.rand(3), after_ref)
+    assert torch.equal(env["md0"] != 0, ref != 0)
+    assert torch.equal(env["xd0"], x * (ref != 0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 19), min_size=1, max_size=3), p=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_bits_round_trip(shape, p, seed):
+    from runlora_fx.kernels.executor import pack_bits, unpack_bits
+    mask = torch.empty(shape, dtype=torch.uint8).bernoulli_(p, generator=torch.Generator().manual_seed(seed))
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_bits(packed, tuple(shape)), mask)
 
 
 @pytest.mark.parametrize("dropout,training", [(0.0, True), (0.2, True), (0.2, False)])

@@ -118,35 +118,36 @@ def test_uncompressed_flora_equals_adafactor_on_bfloat16_params():
 
 @pytest.mark.parametrize("shape", [(16, 30), (30, 16)])
 def test_compressed_trajectory_equals_the_algorithm_by_hand(shape):
-    """Step clip((1-b1) u + b1 P^T C, lr), state C <- b1 C + (1-b1) P u, transfer C <- P_new P_old^T C every kappa.
+    """The authors' order (flora-opt's ``flora_step_``): with ``u`` the preconditioned gradient (unclipped, no lr),
+    step ``lr * clip((1-b1) u + b1 P^T C, clip)``; then every kappa steps ``C <- P_new P_old^T C``; then
+    ``C <- b1 C + (1-b1) P u`` with the current (possibly new) projection.
 
-    ``u`` (Adafactor's clipped, lr-scaled update) does not depend on the momentum when lr is absolute, so a
-    momentum-free Adafactor fed the same gradients supplies it. Gradients share a direction so that momentum
-    builds up and the second clip is exercised.
+    ``u`` does not depend on the momentum, so a momentum-free Adafactor with lr 1 and no clipping fed the same
+    gradients supplies it. Gradients share a direction so that momentum builds up and the clip is exercised.
     """
-    b1, kappa, rank, lr = 0.8, 2, 2, 1e-2
+    b1, kappa, rank, lr, clip = 0.8, 2, 2, 1e-2, 0.7
     (p,), (q,) = _params([shape]), _params([shape])
-    flora = Flora([p], lr=lr, rank=rank, kappa=kappa, beta1=b1, scale_parameter=False)
-    plain = Adafactor([q], lr=lr, beta1=None, relative_step=False, scale_parameter=False)
+    flora = Flora([p], lr=lr, rank=rank, kappa=kappa, beta1=b1, clip_threshold=clip, scale_parameter=False)
+    plain = Adafactor([q], lr=1.0, beta1=None, clip_threshold=1e30, relative_step=False, scale_parameter=False)
     expected = p.detach().clone()
     c = torch.zeros(rank, max(shape), dtype=F64)
     count, clipped = 0, 0
     (base,) = _grads([p], 0)
+    proj = random_projection(rank, min(shape), projection_seed(0, 0, 0, count), "cpu", F64)
     for t in range(1, 6):
         g = base + 0.3 * _grads([p], t)[0]
         before = q.detach().clone()
         _step(plain, [q], [g])
         u = before - q.detach()
-        proj = random_projection(rank, min(shape), projection_seed(0, 0, 0, count), "cpu", F64)
         applied = (1 - b1) * u + b1 * decompress(proj, c, shape)
         rms = (applied.norm() / applied.numel() ** 0.5).item()
-        clipped += rms > lr
-        expected -= applied / max(1.0, rms / lr)
-        c = b1 * c + (1 - b1) * compress(proj, u)
+        clipped += rms > clip
+        expected -= lr * applied / max(1.0, rms / clip)
         if t % kappa == 0:
             count += 1
-            c = compress(random_projection(rank, min(shape), projection_seed(0, 0, 0, count), "cpu", F64),
-                         decompress(proj, c, shape))
+            new = random_projection(rank, min(shape), projection_seed(0, 0, 0, count), "cpu", F64)
+            c, proj = compress(new, decompress(proj, c, shape)), new
+        c = b1 * c + (1 - b1) * compress(proj, u)
         _step(flora, [p], [g])
         torch.testing.assert_close(p.detach(), expected, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(flora.state[p]["exp_avg_proj"], c, rtol=1e-10, atol=1e-12)

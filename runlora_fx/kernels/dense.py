@@ -23,6 +23,9 @@ from ..planner.search import SearchOptions, search
 from .executor import run
 
 
+_CALL_CACHE_SIZE = 256  # distinct call signatures remembered per runner (generation with growing N makes many)
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     scale: float
@@ -38,8 +41,19 @@ def input_names(bias: bool, lora_biases: list[bool]) -> list[str]:
     return names
 
 
-def _input_names(plan: Plan) -> list[str]:
-    return input_names(plan.spec.bias, [a.lora_bias for a in plan.spec.adapters])
+_FRAMES: dict[int, tuple[Plan, list[str], list[str]]] = {}
+
+
+def _frame(plan: Plan) -> tuple[list[str], list[str]]:
+    """The plan's input names and what its node saves (activations, then parameters), computed once per plan."""
+    entry = _FRAMES.get(id(plan))
+    if entry is None or entry[0] is not plan:
+        names = input_names(plan.spec.bias, [a.lora_bias for a in plan.spec.adapters])
+        saved = [n for n in plan.lowered.saved if not is_parameter(n)] + [n for n in names if is_parameter(n)]
+        if len(_FRAMES) >= 4096:
+            _FRAMES.clear()
+        entry = _FRAMES[id(plan)] = (plan, names, saved)  # holding the plan keeps its id from being reused
+    return entry[1], entry[2]
 
 
 class PlannedLoraFunction(torch.autograd.Function):
@@ -51,12 +65,10 @@ class PlannedLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: Plan, constants: dict[str, Any], *inputs: torch.Tensor) -> torch.Tensor:
         low = plan.lowered
-        names = _input_names(plan)
+        names, saved = _frame(plan)
         env = run(low.forward, {**constants, **dict(zip(names, inputs))}, low.shapes)
-        params = [n for n in names if is_parameter(n)]
-        acts = [n for n in low.saved if not is_parameter(n)]
-        ctx.plan, ctx.saved_names, ctx.constants = plan, acts + params, constants
-        ctx.save_for_backward(*[env[n] for n in acts + params])
+        ctx.plan, ctx.saved_names, ctx.constants = plan, saved, constants
+        ctx.save_for_backward(*[env[n] for n in saved])
         return env[low.output]
 
     @staticmethod
@@ -65,7 +77,7 @@ class PlannedLoraFunction(torch.autograd.Function):
         env = {**ctx.constants, **dict(zip(ctx.saved_names, ctx.saved_tensors))}
         env["G"] = grad.contiguous()
         env = run(low.backward, env, low.shapes)
-        grads = [env[low.grads[n]] if n in low.grads else None for n in _input_names(plan)]
+        grads = [env[low.grads[n]] if n in low.grads else None for n in _frame(plan)[0]]
         return (None, None, *grads)
 
 
@@ -78,6 +90,7 @@ class LoraLinearRunner:
         self.adapters = tuple(adapters)
         self.options = options
         self.x_readers = x_readers  # sites reading the same x (see SiteSpec.x_readers)
+        self._plans: dict[tuple, Plan] = {}  # see _plan_of_call
 
     # -- hooks: what a dense base looks like (kernels.qlora overrides these for a 4-bit base) -----------------
     def base_shape(self, weight: torch.Tensor) -> tuple[int, int]:
@@ -114,6 +127,7 @@ class LoraLinearRunner:
         """The same runner for other adapter configs."""
         other = copy.copy(self)
         other.adapters = tuple(adapters)
+        other._plans = {}
         return other
 
     # -- planning ---------------------------------------------------------------------------------------------
@@ -155,8 +169,26 @@ class LoraLinearRunner:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  adapters: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], training: bool) -> torch.Tensor:
-        spec = self.spec_for(x, weight, bias, adapters, training)
-        return run_plan(self.plan_for(spec, x.device), x, weight, bias, adapters, self.constants())
+        return run_plan(self._plan_of_call(x, weight, bias, adapters, training), x, weight, bias, adapters,
+                        self.constants())
+
+    def _plan_of_call(self, x, weight, bias, adapters, training: bool) -> Plan:
+        """`plan_for(spec_for(...))`, remembered per call signature: a model calls each site with the same few
+        shapes, and building the SiteSpec costs more than a peft layer's own Python. The device profile is part
+        of the key, so a new calibration re-plans."""
+        on = torch.is_grad_enabled()
+        key = [x.shape, x.dtype, x.device, on, on and x.requires_grad, training, weight.shape, weight.dtype,
+               weight.requires_grad, get_profile(x.device)]
+        for t in (bias, *(t for ad in adapters for t in ad)):
+            key += (None, None, None) if t is None else (t.shape, t.dtype, t.requires_grad)
+        key = tuple(key)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self.plan_for(self.spec_for(x, weight, bias, adapters, training), x.device)
+            if len(self._plans) >= _CALL_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
 
 
 def run_plan(plan: Plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

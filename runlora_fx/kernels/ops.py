@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
+from ..planner.device import get_profile
 from ..planner.expr import build_steps, enumerate_programs
 from .dense import LoraLinearRunner, input_names
 from .executor import run
@@ -42,6 +43,25 @@ def _unflatten(adapters: list[torch.Tensor], runner: LoraLinearRunner):
 def _spec(site: int, n, weight, bias, adapters, grads, training):
     runner = _SITES[site]
     return runner, runner.spec_from(n, weight, bias, _unflatten(adapters, runner), training, grads)
+
+
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _planned(site: int, n: int, weight, bias, adapters, grads, training: bool, layout: str, device):
+    """(runner, plan, input names) of one op call, remembered per call signature: compiled graphs call the ops
+    every step with the same few signatures, and building the SiteSpec is most of the Python an op runs. The
+    device profile is part of the key, so a new calibration re-plans."""
+    key = (site, n, weight.shape, weight.dtype, bias is None, tuple((t.shape, t.dtype) for t in adapters),
+           tuple(grads), training, layout, get_profile(device))
+    hit = _PLANS.get(key)
+    if hit is None:
+        runner, spec = _spec(site, n, weight, bias, adapters, grads, training)
+        names = input_names(bias is not None, [a.lora_bias for a in spec.adapters])
+        if len(_PLANS) >= 4096:
+            _PLANS.clear()
+        hit = _PLANS[key] = (runner, runner.plan_for(spec, device, _names(layout)), names)
+    return hit
 
 
 def _layout_program(spec, layout: tuple[str, ...]):
@@ -70,9 +90,7 @@ def _params(names: list[str], tensors: list[torch.Tensor]) -> dict[str, torch.Te
 @torch.library.custom_op("runlora_fx::site_forward", mutates_args=())
 def site_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], adapters: list[torch.Tensor],
                  site: int, layout: str, grads: list[bool], training: bool) -> list[torch.Tensor]:
-    runner, spec = _spec(site, x.shape[0], weight, bias, adapters, grads, training)
-    plan = runner.plan_for(spec, x.device, _names(layout))
-    names = input_names(bias is not None, [a.lora_bias for a in spec.adapters])
+    runner, plan, names = _planned(site, x.shape[0], weight, bias, adapters, grads, training, layout, x.device)
     tensors = [x, weight] + ([bias] if bias is not None else []) + list(adapters)
     env = run(plan.lowered.forward, {**runner.constants(), **dict(zip(names, tensors))}, plan.lowered.shapes)
     return [env[plan.lowered.output]] + [env[n] for n in _produced(_names(layout))]
@@ -91,9 +109,7 @@ def _(x, weight, bias, adapters, site, layout, grads, training):
 def site_backward(grad: torch.Tensor, saved: list[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
                   adapters: list[torch.Tensor], site: int, layout: str, grads: list[bool],
                   training: bool) -> list[torch.Tensor]:
-    runner, spec = _spec(site, grad.shape[0], weight, bias, adapters, grads, training)
-    plan = runner.plan_for(spec, grad.device, _names(layout))
-    names = input_names(bias is not None, [a.lora_bias for a in spec.adapters])
+    runner, plan, names = _planned(site, grad.shape[0], weight, bias, adapters, grads, training, layout, grad.device)
     env = _params(names, [None, weight] + ([bias] if bias is not None else []) + list(adapters))
     env.update(runner.constants())
     env.update(zip(_names(layout), saved))

@@ -69,14 +69,17 @@ def step_flops(step: Step, shapes: dict[str, tuple[int, ...]]) -> int:
     return mm_flops(m, k, n)
 
 
-# Bit packing is several elementwise passes in plain torch (compare, widen, weight, sum / shift, mask, widen,
-# scale): extra bytes per mask element and extra kernels beyond the step's own read and write.
-BITS_EXTRA = {"pack_bits": (7, 4), "unpack_bits": (11, 4)}
+# Bit packing runs whole-tensor int64 passes (kernels.executor): packing multiplies and shifts the mask read as
+# int64 before narrowing; unpacking widens the packed bytes to int64 indices before the table lookup. Extra bytes
+# per mask element and extra kernels beyond the step's own read and write.
+BITS_EXTRA = {"pack_bits": (5, 2), "unpack_bits": (2, 1)}
+# Steps whose arguments give only a shape or a generator state: they read no tensor data.
+_READ_NOTHING = ("rng_state", "draw_mask", "redraw_mask")
 
 
 def step_bytes(step: Step, low: Lowered) -> int:
-    """Bytes read and written by one step (a mask redraw reads nothing but writes the mask)."""
-    reads = sum(nbytes(low.shapes[a], low.dtypes[a]) for a in step.args if step.op not in ("rng_state", "redraw_mask"))
+    """Bytes read and written by one step (drawing a mask reads nothing but writes the mask)."""
+    reads = sum(nbytes(low.shapes[a], low.dtypes[a]) for a in step.args if step.op not in _READ_NOTHING)
     extra = 0
     if step.op in BITS_EXTRA:
         mask = low.shapes[step.args[0]] if step.op == "pack_bits" else low.shapes[step.out]
@@ -94,14 +97,23 @@ def step_kernels(step: Step) -> int:
 def step_time(step: Step, low: Lowered, profile: DeviceProfile) -> float:
     flops = step_flops(step, low.shapes)
     dtype = low.dtypes[step.args[0] if step.op != "addmm" else step.args[1]]
-    t = step_bytes(step, low) / profile.bandwidth
+    moved = step_bytes(step, low)
+    t = moved / profile.bandwidth
     if step.op == "dequantize":
         t = max(t, math.prod(low.shapes[step.out]) / profile.dequantize_rate)
-    if step.op in ("draw_mask", "redraw_mask"):
+    elif step.op in ("draw_mask", "redraw_mask"):
         t = max(t, math.prod(low.shapes[step.out]) / profile.rng_rate)
-    if flops:
-        dims = [d for name in step.args[:3] for d in low.shapes[name] if len(low.shapes[name]) == 2]
-        t = max(t, flops / profile.rate(dtype, min(dims)))
+    elif step.op in MATMUL_OPS:
+        if flops:
+            dims = [d for name in step.args[:3] for d in low.shapes[name] if len(low.shapes[name]) == 2]
+            t = max(t, flops / profile.rate(dtype, min(dims)))
+    elif step.op != "rng_state":
+        # elementwise passes are compute bound on CPUs: priced at the output dtype's rate (a uint8/bool mask at
+        # float32's) over the largest tensor the step touches
+        out_dtype = low.dtypes[step.out]
+        rate_dtype = out_dtype if out_dtype.is_floating_point else torch.float32
+        numel = max(math.prod(low.shapes[n]) for n in (*step.args, step.out))
+        t = profile.elementwise_time(numel, rate_dtype, moved)
     return t + step_kernels(step) * profile.launch_overhead
 
 

@@ -1,11 +1,12 @@
-"""Device profiles: how fast this device multiplies, moves bytes and launches kernels.
+"""Device profiles: how fast this device multiplies, moves bytes, runs elementwise passes and launches kernels.
 
-The cost model turns FLOPs and bytes into time with these numbers. `calibrate()` measures them in a few seconds
-and caches them per device; without a cached profile `default_profile()` returns documented, conservative
+The cost model turns FLOPs, elements and bytes into time with these numbers. `calibrate()` measures them in a few
+seconds and caches them per device; without a cached profile `default_profile()` returns documented, conservative
 defaults (see docs/COST_MODEL.md), so planning never blocks on a measurement.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,17 @@ import torch
 # Smallest dimension of the matmuls timed by calibrate(): LoRA's skinny products (rank 8..256) run far below the
 # device's peak, so the rate is kept as a curve over the smallest dimension, not one number.
 CALIBRATION_MIN_DIMS = (8, 32, 128, 512)
+# The other dimensions of the timed products: LoRA's (N x i) @ (i x r), (N x r) @ (r x o) and G^T U =
+# (o x N) @ (N x r), with N tokens (512..8192 in the benchmarks) and i = o features.
+CALIBRATION_TOKENS = 2048
 CALIBRATION_BIG_DIM = 1024
+# Elementwise passes are timed on a 1024 x 1024 multiply: larger than L2, so what is measured is a real pass.
+ELEMENTWISE_CALIBRATION_SHAPE = (1024, 1024)
+# Each timed point is the fastest of this many short runs' medians (see _time).
+CALIBRATION_REPEATS = 3
+# Bumped when what calibrate() measures changes, so an older cached file is not read as a current one. Format 2
+# (this one) adds elementwise_rate and measures the LoRA shapes; format-1 files (no version in the name) are ignored.
+PROFILE_FORMAT = 2
 # 4-bit values dequantized per second until calibrate() measures it (bitsandbytes 0.50 on a 2-core CPU: 0.2-1e9).
 DEFAULT_DEQUANTIZE_RATE = {"cpu": 3e8, "cuda": 1e11}
 DEQUANTIZE_CALIBRATION_SHAPE = (2048, 2048)
@@ -28,11 +39,44 @@ DEQUANTIZE_CALIBRATION_SHAPE = (2048, 2048)
 DEFAULT_RNG_RATE = {"cpu": 5e7, "cuda": 5e10}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
+# CPU bf16 matmul defaults (FLOP/s at smallest dims 8/32/128/512) by how the CPU multiplies bf16. AMX tiles:
+# Sapphire Rapids (2 cores, torch 2.13) ran LoRA's three forms at 30-80 / 75-200 / 200-400 / 200-450 GFLOP/s
+# (geometric mean; square products 70-220 / 180-490 / 420-790 / 360-930). AVX512-BF16 dot products: about twice
+# fp32 on large products, like fp32 on skinny ones. Neither: converted to fp32 and back, slower than fp32.
+_CPU_BF16_MATMUL = {
+    "amx": [(8, 30e9), (32, 80e9), (128, 200e9), (512, 300e9)],
+    "avx512_bf16": [(8, 8e9), (32, 25e9), (128, 60e9), (512, 100e9)],
+    "none": [(8, 2e9), (32, 5e9), (128, 8e9), (512, 10e9)],
+}
+# CPU elementwise defaults (elements/s, 1024x1024 multiply): on CPUs the passes are compute bound. fp32 measured
+# 0.8-3e9 unloaded (1-2 threads) and bf16 with native support as fast; without it bf16 converts every element.
+# Under load 2-thread passes fell to 7e7 (OpenMP waits for the busy core), which calibrate() does capture.
+_CPU_BF16_ELEMENTWISE = {"amx": 1e9, "avx512_bf16": 1e9, "none": 3e8}
+
+
+def monotone_curve(points) -> list[tuple[int, float]]:
+    """Sorted by dimension, each rate raised to the largest rate measured at a smaller or equal dimension.
+
+    Why a running maximum rather than isotonic regression: load only slows a measurement down, so every measured
+    rate is a lower bound of the true one, and if the true rate does not fall as the smallest dimension grows,
+    the tightest curve above all those bounds is the running maximum. Isotonic regression would instead average a
+    good point with a load-slowed one.
+
+    >>> monotone_curve([(32, 26.0), (8, 30.0), (128, 26.0), (512, 45.0)])
+    [(8, 30.0), (32, 30.0), (128, 30.0), (512, 45.0)]
+    """
+    out, best = [], 0.0
+    for d, r in sorted((int(d), float(r)) for d, r in points):
+        best = max(best, r)
+        out.append((d, best))
+    return out
+
 
 @dataclass(eq=False)  # hashed by identity: plan caches are keyed by the profile they were priced with
 class DeviceProfile:
-    """Matmul rate per dtype as (smallest dim, FLOP/s) points, memory bandwidth, per-kernel overhead, and how fast
-    a bitsandbytes 4-bit weight is dequantized (values written per second)."""
+    """Matmul rate per dtype as (smallest dim, FLOP/s) points, memory bandwidth, per-kernel overhead, how fast
+    a bitsandbytes 4-bit weight is dequantized (values written per second), the dropout RNG rate, and the
+    elementwise rate per dtype (elements per second; empty means elementwise passes are bandwidth bound)."""
 
     device: str
     matmul_rate: dict[str, list[tuple[int, float]]]
@@ -42,6 +86,7 @@ class DeviceProfile:
     meta: dict = field(default_factory=dict)
     dequantize_rate: float = DEFAULT_DEQUANTIZE_RATE["cpu"]  # 4-bit values dequantized per second
     rng_rate: float = DEFAULT_RNG_RATE["cpu"]  # dropout noise values drawn per second
+    elementwise_rate: dict[str, float] = field(default_factory=dict)  # elements per second, by dtype name
 
     def rate(self, dtype: torch.dtype, min_dim: int) -> float:
         """FLOP/s of a matmul whose smallest dimension is `min_dim`, interpolated log-log between points.
@@ -61,13 +106,33 @@ class DeviceProfile:
                 return math.exp(math.log(r0) + w * (math.log(r1) - math.log(r0)))
         return points[-1][1]
 
+    def elementwise_time(self, numel: int, dtype: torch.dtype, nbytes: int) -> float:
+        """Seconds of an elementwise pass over `numel` elements of `dtype` moving `nbytes`: the slower of the
+        memory bound and the compute bound (CPUs are often compute bound here, bf16 more than fp32). A dtype
+        without a rate uses float32's; without either, only the memory bound applies.
+
+        >>> p = DeviceProfile("cpu", {"float32": [(8, 1e9)]}, 1e10, 1e-6, elementwise_rate={"float32": 1e9})
+        >>> p.elementwise_time(1000, torch.bfloat16, 12000) == max(12000 / 1e10, 1000 / 1e9)
+        True
+        """
+        rate = self.elementwise_rate.get(_DTYPE_NAMES.get(dtype, "float32")) or self.elementwise_rate.get("float32")
+        return max(nbytes / self.bandwidth, numel / rate if rate else 0.0)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "DeviceProfile":
+        """Fields missing from `text` (a file written before they existed) take the defaults of its device type;
+        unknown fields are dropped, so a newer file still loads."""
         d = json.loads(text)
-        d["matmul_rate"] = {k: [tuple(p) for p in v] for k, v in d["matmul_rate"].items()}
+        if not isinstance(d, dict):
+            raise ValueError("a device profile is a JSON object")
+        kind = "cuda" if str(d.get("device", "cpu")).startswith("cuda") else "cpu"
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {**_default_fields(kind), **{k: v for k, v in d.items() if k in known}}
+        d["matmul_rate"] = {k: monotone_curve(v) for k, v in d["matmul_rate"].items()}
+        d["elementwise_rate"] = {k: float(v) for k, v in d["elementwise_rate"].items()}
         return cls(**d)
 
 
@@ -88,22 +153,67 @@ def cache_dir() -> Path:
 
 
 def _profile_path(device: torch.device | str) -> Path:
-    return cache_dir() / f"profile-{device_key(device)}-torch{torch.__version__.split('+')[0]}.json"
+    name = f"profile-v{PROFILE_FORMAT}-{device_key(device)}-torch{torch.__version__.split('+')[0]}.json"
+    return cache_dir() / name
 
 
-def default_profile(device: torch.device | str = "cpu") -> DeviceProfile:
-    """Conservative defaults used until `calibrate()` has run: a 2-core CPU, or a mid-range CUDA GPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
+def cpu_bf16_support() -> str:
+    """How this CPU multiplies bf16: "amx", "avx512_bf16" or "none". Probes whichever of torch's (private,
+    version-dependent) CPU feature helpers exist; anything missing or failing reads as "none", the conservative
+    defaults."""
+    try:
+        caps = dict(torch.cpu.get_capabilities())
+    except Exception:  # noqa: BLE001 - older torch
+        caps = {}
+    owners = (getattr(torch, "cpu", None), getattr(torch._C, "_cpu", None))
+
+    def has(feature: str, helper: str) -> bool:
+        if caps.get(feature):
+            return True
+        for owner in owners:
+            try:
+                if getattr(owner, helper)():
+                    return True
+            except Exception:  # noqa: BLE001 - helper absent in this torch version
+                pass
+        return False
+
+    if has("amx_bf16", "_is_amx_tile_supported"):
+        return "amx"
+    if has("avx512_bf16", "_is_avx512_bf16_supported"):
+        return "avx512_bf16"
+    return "none"
+
+
+def _default_fields(kind: str) -> dict:
+    """Default profile fields of a device type ("cpu" or "cuda"), without touching the device."""
+    if kind == "cuda":
         rates = {"float32": [(8, 0.5e12), (128, 8e12), (512, 15e12)],
                  "bfloat16": [(8, 1e12), (128, 30e12), (512, 100e12)],
                  "float16": [(8, 1e12), (128, 30e12), (512, 100e12)]}
-        return DeviceProfile(device_key(device), rates, bandwidth=1.0e12, launch_overhead=6e-6,
-                             dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cuda"], rng_rate=DEFAULT_RNG_RATE["cuda"])
+        # elementwise passes on a GPU are bandwidth bound: rates far above bandwidth / bytes per element
+        return dict(device="cuda", matmul_rate=rates, bandwidth=1.0e12, launch_overhead=6e-6, measured=False, meta={},
+                    dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cuda"], rng_rate=DEFAULT_RNG_RATE["cuda"],
+                    elementwise_rate={"float32": 1e12, "bfloat16": 1e12, "float16": 1e12})
+    bf16 = cpu_bf16_support()
     rates = {"float32": [(8, 8e9), (32, 25e9), (128, 45e9), (512, 60e9)],
-             "bfloat16": [(8, 2e9), (32, 5e9), (128, 8e9), (512, 10e9)],
+             "bfloat16": list(_CPU_BF16_MATMUL[bf16]),
              "float64": [(8, 4e9), (32, 12e9), (128, 22e9), (512, 30e9)]}
-    return DeviceProfile("cpu", rates, bandwidth=8e9, launch_overhead=8e-6, dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cpu"])
+    elementwise = {"float32": 1e9, "bfloat16": _CPU_BF16_ELEMENTWISE[bf16], "float16": _CPU_BF16_ELEMENTWISE[bf16],
+                   "float64": 5e8}
+    return dict(device="cpu", matmul_rate=rates, bandwidth=8e9, launch_overhead=8e-6, measured=False,
+                meta={"bf16": bf16}, dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cpu"], rng_rate=DEFAULT_RNG_RATE["cpu"],
+                elementwise_rate=elementwise)
+
+
+def default_profile(device: torch.device | str = "cpu") -> DeviceProfile:
+    """Conservative defaults used until `calibrate()` has run: a 2-core CPU (bf16 rates by `cpu_bf16_support()`),
+    or a mid-range CUDA GPU."""
+    device = torch.device(device)
+    fields = _default_fields("cuda" if device.type == "cuda" else "cpu")
+    if device.type == "cuda":
+        fields["device"] = device_key(device)
+    return DeviceProfile(**fields)
 
 
 _loaded: dict[str, DeviceProfile] = {}
@@ -116,24 +226,61 @@ def get_profile(device: torch.device | str = "cpu") -> DeviceProfile:
         path = _profile_path(device)
         try:
             _loaded[key] = DeviceProfile.from_json(path.read_text())
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             _loaded[key] = default_profile(device)
     return _loaded[key]
 
 
-def _time(fn, device: torch.device, budget: float) -> float:
-    """Median seconds per call of `fn`, repeating for about `budget` seconds after one warm-up."""
-    fn()
+def _time(fn, device: torch.device, budget: float, repeats: int = CALIBRATION_REPEATS) -> float:
+    """Seconds per call of `fn`: the fastest of `repeats` short runs' medians, after one warm-up, in about
+    `budget` seconds (the warm-up included; at least one run of one call). Load on a shared machine only slows
+    a run down, so the fastest run is the least disturbed; the median inside a run drops one-off stalls."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times, start = [], time.perf_counter()
-    while not times or (time.perf_counter() - start < budget and len(times) < 200):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    warm = time.perf_counter() - t0
+    repeats = max(1, min(repeats, int((budget - warm) / max(warm, 1e-9))))  # as many runs as the budget holds calls
+    per_run = max(budget - warm, 0.0) / repeats
+    best = math.inf
+    for _ in range(repeats):
+        times, start = [], time.perf_counter()
+        # stop before a call that would overrun the run's share, so slow calls do not stretch calibration
+        while not times or (time.perf_counter() - start + times[-1] <= per_run and len(times) < 100):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        best = min(best, times[len(times) // 2])
+    return best
+
+
+def _lora_matmul_rate(dtype: torch.dtype, d: int, device: torch.device, budget: float) -> float:
+    """FLOP/s of LoRA's products with rank `d`: x A^T = (N x i) @ (i x d), u B^T = (N x d) @ (d x o) and the
+    weight gradient G^T u = (o x N) @ (N x d), in the layouts LoRA stores them (A is d x i, B is o x d, G is
+    N x o), as the geometric mean of the three rates (they have equal FLOPs).
+
+    Why the geometric mean: programs differ in which of these they run (keep or recompute x A^T, chain or merged
+    forward), so the curve should be typical of all three; the total time (harmonic mean) would be set by the
+    slowest form alone (G^T u runs 3-10x slower than the others in bf16 on a CPU), and the fastest form would
+    repeat the square-shape optimism this replaces."""
+    n, big = CALIBRATION_TOKENS, CALIBRATION_BIG_DIM
+    x = torch.randn(n, big, device=device, dtype=dtype)
+    a = torch.randn(d, big, device=device, dtype=dtype)
+    u = torch.randn(n, d, device=device, dtype=dtype)
+    b = torch.randn(big, d, device=device, dtype=dtype)
+    g = torch.randn(n, big, device=device, dtype=dtype)
+    forms = (lambda: x @ a.t(), lambda: u @ b.t(), lambda: g.t() @ u)
+    times = [_time(f, device, budget / len(forms)) for f in forms]
+    return 2.0 * n * big * d / math.exp(sum(math.log(t) for t in times) / len(times))
+
+
+def _elementwise_rate(dtype: torch.dtype, device: torch.device, budget: float) -> float:
+    """Elements per second of an out-of-place binary multiply, the typical LoRA elementwise pass (mask, scale)."""
+    a = torch.randn(*ELEMENTWISE_CALIBRATION_SHAPE, device=device, dtype=dtype)
+    b = torch.randn(*ELEMENTWISE_CALIBRATION_SHAPE, device=device, dtype=dtype)
+    return a.numel() / _time(lambda: a * b, device, budget)
 
 
 def _dequantize_rate(device: torch.device, budget: float) -> float | None:
@@ -150,30 +297,30 @@ def _dequantize_rate(device: torch.device, budget: float) -> float | None:
 
 def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.bfloat16), *, save: bool = True,
               seconds: float = 6.0) -> DeviceProfile:
-    """Measure matmul rates, bandwidth, launch overhead and (with bitsandbytes) the 4-bit dequantize rate on
-    `device` (about `seconds` s) and cache the result."""
+    """Measure matmul rates on LoRA's shapes, elementwise rates, bandwidth, launch overhead, the RNG rate and
+    (with bitsandbytes) the 4-bit dequantize rate on `device` (about `seconds` s) and cache the result."""
     device = torch.device(device)
-    per = seconds / (len(dtypes) * len(CALIBRATION_MIN_DIMS) + 4)
-    big = CALIBRATION_BIG_DIM
+    # budget units: one per matmul point (its three forms share it), one per elementwise dtype, and four more
+    per = seconds / (len(dtypes) * (len(CALIBRATION_MIN_DIMS) + 1) + 4)
     rates: dict[str, list[tuple[int, float]]] = {}
+    elementwise: dict[str, float] = {}
     for dt in dtypes:
-        pts = []
-        for d in CALIBRATION_MIN_DIMS:
-            a = torch.randn(big, big, device=device, dtype=dt)
-            b = torch.randn(big, d, device=device, dtype=dt)
-            t = _time(lambda: a @ b, device, per)
-            pts.append((d, 2.0 * big * big * d / t))
-        rates[_DTYPE_NAMES[dt]] = pts
-    x = torch.empty(8 * 1024 * 1024, device=device)  # 32 MB: larger than the caches of the machines this targets
-    bandwidth = 2 * x.numel() * x.element_size() / _time(lambda: x.mul_(1.0), device, per)
+        name = _DTYPE_NAMES[dt]
+        rates[name] = monotone_curve([(d, _lora_matmul_rate(dt, d, device, per)) for d in CALIBRATION_MIN_DIMS])
+        elementwise[name] = _elementwise_rate(dt, device, per)
+    src = torch.empty(8 * 1024 * 1024, device=device)  # 32 MB: larger than the caches of the machines this targets
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * src.element_size() / _time(lambda: dst.copy_(src), device, per)
+    del src, dst
     tiny = torch.ones(1, device=device)
     overhead = _time(lambda: tiny.add(tiny), device, per)
     dequantize_rate = _dequantize_rate(device, per) or default_profile(device).dequantize_rate
     noise = torch.empty(1024 * 1024, device=device)
     rng_rate = noise.numel() / _time(lambda: noise.bernoulli_(0.95), device, per)
     profile = DeviceProfile(device_key(device), rates, bandwidth, overhead, measured=True,
-                            meta={"torch": torch.__version__, "threads": torch.get_num_threads(), "when": time.time()},
-                            dequantize_rate=dequantize_rate, rng_rate=rng_rate)
+                            meta={"torch": torch.__version__, "threads": torch.get_num_threads(), "when": time.time(),
+                                  "format": PROFILE_FORMAT},
+                            dequantize_rate=dequantize_rate, rng_rate=rng_rate, elementwise_rate=elementwise)
     if save:
         path = _profile_path(device)
         path.parent.mkdir(parents=True, exist_ok=True)

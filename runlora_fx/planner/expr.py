@@ -12,6 +12,7 @@ nobody needs.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal
 
@@ -23,7 +24,13 @@ GradBOrder = Literal["gu", "ta"]  # dB = s G^T (x_d A^T) |   dB = s (G^T x_d) A^
 GradXOrder = Literal["split", "merged"]  # dX = G W + sum s (G B) A (.)m   |   dX = G (W + sum s B A)
 MaskStore = Literal["bool", "bits", "seed", "dense", "none"]
 
-MASK_STORES: tuple[str, ...] = ("bool", "bits", "seed")  # searched; "dense" is what torch's dropout saves
+# How a dropout mask crosses to backward. The mask itself is always {0, 1}: the 1/(1-p) that torch's dropout puts
+# into its noise is folded into the adapter's scale (`_Lowering.scale`), which costs no pass at all.
+#   bool: one byte per element (uint8), drawn that way, so keeping it costs nothing extra
+#   bits: 8 elements per byte, packed in forward and unpacked in backward
+#   seed: the generator state before the draw; backward draws the same mask again
+#   dense: the mask in the adapters' dtype, as torch's dropout keeps it (peft's program; never cheaper than bool)
+MASK_STORES: tuple[str, ...] = ("bool", "bits", "seed")  # searched; "dense" only describes the stock program
 RNG_STATE_BYTES = 5056  # torch's CPU generator state (a CUDA/Philox state is 16 bytes)
 QUANT_TYPES = ("nf4", "fp4")
 QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
@@ -267,8 +274,8 @@ class Step:
     """One operation of a program. `args` name tensors in the run's environment.
 
     ops: linear (a @ w^T + bias), mm (alpha op(a) @ op(b)), addmm (acc + alpha op(a) @ op(b)), cast,
-    draw_mask (torch's dropout noise, RNG-identical to F.dropout), rng_state, redraw_mask, mul, scale,
-    to_bool, from_bool, pack_bits, unpack_bits, axpy (a + alpha b, broadcast), sum_rows (alpha * sum over N),
+    draw_mask (a {0, 1} dropout mask in `dtype`, RNG-identical to F.dropout's), rng_state, redraw_mask, mul,
+    addcmul (a + alpha b ⊙ c), scale, pack_bits, unpack_bits, axpy (a + alpha b, broadcast), sum_rows (alpha * sum over N),
     dequantize (a 4-bit weight and its quant state to a dense weight in `dtype`).
     """
 
@@ -285,22 +292,20 @@ class Step:
         """The step as algebra, e.g. ``W + 2·B0 A0`` (what Plan tables print)."""
         a = self.args + ("",) * (3 - len(self.args))  # every entry below is built, so pad the short ones
         s = "" if self.alpha == 1.0 else f"{self.alpha:g}·"
-        keep = f"/(1-{self.p:g})"
         if self.op in ("mm", "addmm"):
             x, y = _t(self.args[-2], self.ta), _t(self.args[-1], self.tb)
             return f"{a[0]} + {s}{x} {y}" if self.op == "addmm" else f"{s}{x} {y}"
         text = {
             "linear": f"{a[0]} {a[1]}^T" + (f" + {a[2]}" if a[2] else ""),
             "cast": f"{a[0]}.to({str(self.dtype).replace('torch.', '')})",
-            "draw_mask": f"bernoulli(1-{self.p:g}){keep} like {a[0]}",
+            "draw_mask": f"bernoulli(1-{self.p:g}) like {a[0]}",
             "rng_state": f"rng state before drawing for {a[0]}",
-            "redraw_mask": f"bernoulli(1-{self.p:g}){keep} redrawn from {a[0]}",
+            "redraw_mask": f"bernoulli(1-{self.p:g}) redrawn from {a[0]}",
             "mul": f"{a[0]} ⊙ {a[1]}",
+            "addcmul": f"{a[0]} + {s}{a[1]} ⊙ {a[2]}",
             "scale": f"{s}{a[0]}",
-            "to_bool": f"{a[0]} != 0",
-            "from_bool": f"{a[0]}{keep}",
-            "pack_bits": f"bits({a[0]} != 0)",
-            "unpack_bits": f"unbits({a[0]}){keep}",
+            "pack_bits": f"bits({a[0]})",
+            "unpack_bits": f"unbits({a[0]})",
             "axpy": f"{a[0]} + {s}{a[1]}",
             "sum_rows": f"{s}Σ_N {a[0]}",
             "dequantize": f"dequantize_4bit({a[0]}, {a[1]}).to({str(self.dtype).replace('torch.', '')})",
@@ -377,6 +382,12 @@ class _Lowering:
         shape = (self.spec.out_features, self.spec.in_features)
         return self.emit(Step("dequantize", "Wd", ("W", "qs"), dtype=q.compute_dtype), shape, q.compute_dtype)
 
+    def scale(self, k: int) -> float:
+        """Adapter k's scale on every product through its masked input: s / (1-p) under dropout, since the mask
+        is kept as {0, 1} (torch's noise is mask / (1-p)); the lora bias alone is never dropped."""
+        a = self.spec.adapters[k]
+        return a.scale / (1.0 - a.dropout) if self.spec.drops(k) else a.scale
+
     def cast(self, out: str, name: str, dtype: torch.dtype) -> str:
         """`name` in `dtype`; reuses the adapters' cast (xa, Ga) when it is the same one."""
         if self.dtypes[name] == dtype:
@@ -395,12 +406,14 @@ class _Lowering:
 
 class _Forward(_Lowering):
     def dropout_mask(self, k: int) -> str:
-        """torch's dropout noise for adapter k: 0 or 1/(1-p) in x's adapter dtype, drawn like F.dropout."""
+        """Adapter k's {0, 1} dropout mask, drawn like F.dropout draws its noise (same RNG use, same zeros): one
+        byte per element, or the adapters' dtype for the stock "dense" store."""
         p = self.spec.adapters[k].dropout
         xa = self.xa()
         if self.p.mask == "seed":
             self.emit(Step("rng_state", f"rng{k}", (xa,)), (RNG_STATE_BYTES,), torch.uint8)
-        return self.emit(Step("draw_mask", f"md{k}", (xa,), p=p, dtype=self.spec.compute_dtype), self.shapes[xa], self.spec.compute_dtype)
+        dt = self.spec.compute_dtype if self.p.mask == "dense" else torch.uint8
+        return self.emit(Step("draw_mask", f"md{k}", (xa,), p=p, dtype=dt), self.shapes[xa], dt)
 
     def xd(self, k: int) -> str:
         if not self.spec.drops(k):
@@ -450,7 +463,7 @@ class _Forward(_Lowering):
             acc = self.emit(Step("cast", "yc", (acc,), dtype=spec.compute_dtype), (n, o), spec.compute_dtype)
         for k, a in enumerate(spec.adapters):
             u = self.mm(f"U{k}", xds[k], f"A{k}", tb=True)
-            acc = self.addmm(f"y{k}", acc, u, f"B{k}", tb=True, alpha=a.scale)
+            acc = self.addmm(f"y{k}", acc, u, f"B{k}", tb=True, alpha=self.scale(k))
             if a.lora_bias:
                 acc = self.emit(Step("axpy", f"yl{k}", (acc, f"lb{k}"), alpha=a.scale), (n, o), spec.compute_dtype)
         if spec.casts:
@@ -498,29 +511,22 @@ class _Backward(_Lowering):
         return super().xa()
 
     def mask(self, k: int) -> str:
-        """The dense dropout noise of adapter k in backward, rebuilt from however the program stored it."""
+        """Adapter k's {0, 1} dropout mask in backward, kept or rebuilt as the program stores it."""
         spec, p = self.spec, self.spec.adapters[k].dropout
-        dt, shape = spec.compute_dtype, self.fwd.shapes["x"]
-        name = f"md{k}"
+        shape, name = self.fwd.shapes["x"], f"md{k}"
         if name in self.known:
             return name
-        store = self.p.mask
-        if store == "dense":
-            self.fwd.dropout_mask(k)
-            return self.keep(name)
-        if store == "seed":
-            self.fwd.dropout_mask(k)
-            self.keep(f"rng{k}")
-            return self.emit(Step("redraw_mask", name, (f"rng{k}",), p=p, dtype=dt), shape, dt)
         fmd = self.fwd.dropout_mask(k)
-        if store == "bool":
-            self.fwd.emit(Step("to_bool", f"mb{k}", (fmd,)), shape, torch.bool)
-            self.keep(f"mb{k}")
-            return self.emit(Step("from_bool", name, (f"mb{k}",), p=p, dtype=dt), shape, dt)
-        nbytes = (shape[0] * shape[1] + 7) // 8
+        store = self.p.mask
+        if store in ("bool", "dense"):
+            return self.keep(fmd)
+        if store == "seed":
+            self.keep(f"rng{k}")
+            return self.emit(Step("redraw_mask", name, (f"rng{k}",), p=p, dtype=torch.uint8), shape, torch.uint8)
+        nbytes = -(-math.prod(shape) // 8)
         self.fwd.emit(Step("pack_bits", f"mp{k}", (fmd,)), (nbytes,), torch.uint8)
         self.keep(f"mp{k}")
-        return self.emit(Step("unpack_bits", name, (f"mp{k}",), p=p, dtype=dt), shape, dt)
+        return self.emit(Step("unpack_bits", name, (f"mp{k}",)), shape, torch.uint8)
 
     def xd(self, k: int) -> str:
         if self.p.keep_xd:
@@ -561,14 +567,14 @@ class _Backward(_Lowering):
         for k, a in enumerate(spec.adapters):
             if a.grad_a:
                 if p.grad_a == "zx":
-                    grads[f"A{k}"] = self.mm(f"dA{k}", self.z(k), self.xd(k), ta=True, alpha=a.scale)
+                    grads[f"A{k}"] = self.mm(f"dA{k}", self.z(k), self.xd(k), ta=True, alpha=self.scale(k))
                 else:
-                    grads[f"A{k}"] = self.mm(f"dA{k}", f"B{k}", self.t(k), ta=True, alpha=a.scale)
+                    grads[f"A{k}"] = self.mm(f"dA{k}", f"B{k}", self.t(k), ta=True, alpha=self.scale(k))
             if a.grad_b:
                 if p.grad_b == "gu":
-                    grads[f"B{k}"] = self.mm(f"dB{k}", self.ga(), self.u(k), ta=True, alpha=a.scale)
+                    grads[f"B{k}"] = self.mm(f"dB{k}", self.ga(), self.u(k), ta=True, alpha=self.scale(k))
                 else:
-                    grads[f"B{k}"] = self.mm(f"dB{k}", self.t(k), f"A{k}", tb=True, alpha=a.scale)
+                    grads[f"B{k}"] = self.mm(f"dB{k}", self.t(k), f"A{k}", tb=True, alpha=self.scale(k))
             if a.lora_bias and a.grad_lora_bias:
                 grads[f"lb{k}"] = self.emit(Step("sum_rows", f"dlb{k}", (self.ga(),), alpha=a.scale), (spec.out_features,), spec.compute_dtype)
         if spec.bias and spec.grad_bias:
@@ -589,10 +595,15 @@ class _Backward(_Lowering):
             dx = self.cast("dxb", self.mm("dxq", g, self.w()), spec.dtype)
         low = None
         for k, a in enumerate(spec.adapters):
-            if not spec.drops(k) and not spec.casts:
-                dx = self.addmm(f"dx{k}", dx, self.z(k), f"A{k}", alpha=a.scale)
+            if not spec.casts:  # accumulate straight into dx: one addmm, or one fused pass through the mask
+                if not spec.drops(k):
+                    dx = self.addmm(f"dx{k}", dx, self.z(k), f"A{k}", alpha=a.scale)
+                else:
+                    dl = self.mm(f"dl{k}", self.z(k), f"A{k}")
+                    args = (dx, dl, self.mask(k))
+                    dx = self.emit(Step("addcmul", f"dx{k}", args, alpha=self.scale(k)), (n, i), spec.dtype)
                 continue
-            part = self.mm(f"dl{k}", self.z(k), f"A{k}", alpha=a.scale)
+            part = self.mm(f"dl{k}", self.z(k), f"A{k}", alpha=self.scale(k))
             if spec.drops(k):
                 part = self.emit(Step("mul", f"dm{k}", (part, self.mask(k))), (n, i), spec.compute_dtype)
             low = part if low is None else self.emit(Step("axpy", f"ds{k}", (low, part)), (n, i), spec.compute_dtype)

@@ -19,11 +19,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["Flora", "FloraAccumulator", "projection_seed", "random_projection", "compress", "decompress"]
 
@@ -137,13 +139,14 @@ def _clip_rms_(t: Tensor, threshold: float | Tensor) -> Tensor:
 class Flora(Optimizer):
     """Adafactor whose momentum is stored as a random projection for every 2-D parameter with ``min(shape) >= rank``.
 
-    With compression the step is ``clip((1 - beta1) u + beta1 P^T C, lr * clip_threshold)`` and the state becomes
-    ``C <- beta1 C + (1 - beta1) P u``, where ``u`` is Adafactor's clipped, lr-scaled update: the fresh update
-    enters at full rank and only the history goes through the projection (as in the paper's code); the second
-    RMS clip keeps Adafactor's bound on the step, which ``P^T P`` (about ``min(m, n) / rank`` times a projector)
-    would otherwise break. Without compression this is exactly transformers' Adafactor with ``beta1`` (momentum
-    of the lr-scaled update). Every ``kappa`` steps the momentum moves to a fresh projection:
-    ``C <- P_new P_old^T C``.
+    With compression this follows the authors' code (BorealisAI/flora-opt, ``flora_step_``): with ``u`` the
+    preconditioned gradient ``grad / sqrt(v_hat)`` (*not* clipped, not lr-scaled), the step is
+    ``lr * clip((1 - beta1) u + beta1 P^T C, clip_threshold)``: the fresh update enters at full rank, only the
+    history goes through the projection, and the one RMS clip comes after the momentum (``P^T P`` is about
+    ``min(m, n) / rank`` times a projector, so the decompressed history can be several times too large). Then,
+    every ``kappa`` steps, the momentum moves to a fresh projection, ``C <- P_new P_old^T C``, and finally
+    ``C <- beta1 C + (1 - beta1) P u`` with the (new) projection. Without compression this is exactly
+    transformers' Adafactor with ``beta1`` (momentum of the clipped, lr-scaled update).
 
     Optimizer state of a compressed ``m x n`` matrix: ``rank * max(m, n) + m + n`` numbers (see :meth:`state_bytes`).
     ``beta1=None`` keeps no momentum at all. The seed mixes ``(seed, parameter index, resample count)``; the
@@ -234,13 +237,16 @@ class Flora(Optimizer):
         state["step"] += 1
         lr = self._lr(group, state["step"], _rms(p32))
 
-        update = _clip_rms_(self._precondition(grad, state, group), group["clip_threshold"]).mul_(lr)
-        if group["beta1"] is not None:
-            update = self._momentum(p, update, state, group)
-            if "exp_avg_proj" in state:
-                # P^T P is ~min(m, n)/rank times a projector: the decompressed momentum can exceed the RMS bound
-                # that Adafactor's clipping guarantees, so clip again (the paper's code clips after momentum too).
-                _clip_rms_(update, lr * group["clip_threshold"])
+        update = self._precondition(grad, state, group)
+        if "exp_avg_proj" in state:
+            # The authors' order: momentum of the raw preconditioned gradient, one clip after it, then lr.
+            update = _clip_rms_(self._compressed_momentum(p, update, state, group), group["clip_threshold"])
+            update.mul_(lr)
+        else:
+            # transformers' Adafactor: clip, lr, then momentum of the lr-scaled update.
+            update = _clip_rms_(update, group["clip_threshold"]).mul_(lr)
+            if group["beta1"] is not None:
+                update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
         if group["weight_decay"] != 0:
             p32.add_(p32, alpha=-group["weight_decay"] * lr)
         p32.add_(-update)
@@ -283,24 +289,24 @@ class Flora(Optimizer):
         r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
         return torch.mul(r_factor, col.unsqueeze(-2).rsqrt()).mul_(grad)
 
-    def _momentum(self, p: Tensor, update: Tensor, state: dict, group: dict) -> Tensor:
-        """Fold ``update`` into the first moment and return what to subtract from the parameter."""
+    def _compressed_momentum(self, p: Tensor, update: Tensor, state: dict, group: dict) -> Tensor:
+        """``(1 - b1) u + b1 P^T C`` (to be clipped); then transfer if due, then ``C <- b1 C + (1 - b1) P u``."""
         b1 = group["beta1"]
-        if "exp_avg" in state:
-            return state["exp_avg"].mul_(b1).add_(update, alpha=1 - b1)
         c = state["exp_avg_proj"]
         proj = self._projection(p, state)
         applied = decompress(proj, c, update.shape).mul_(b1).add_(update, alpha=1 - b1)
-        c.mul_(b1).add_(compress(proj, update), alpha=1 - b1)
         if state["step"] % group["kappa"] == 0:
-            self._transfer(p, state, proj)
+            proj = self._transfer(p, state, proj)
+        c.mul_(b1).add_(compress(proj, update), alpha=1 - b1)
         return applied
 
-    def _transfer(self, p: Tensor, state: dict, old: Tensor) -> None:
-        """Move the compressed momentum to the next projection: ``C <- P_new (P_old^T C)``."""
+    def _transfer(self, p: Tensor, state: dict, old: Tensor) -> Tensor:
+        """Move the compressed momentum to the next projection, ``C <- P_new (P_old^T C)``; return ``P_new``."""
         state["resamples"] += 1
         c = state["exp_avg_proj"]
-        c.copy_(self._projection(p, state) @ (old.T @ c))
+        new = self._projection(p, state)
+        c.copy_(new @ (old.T @ c))
+        return new
 
     def _projection(self, p: Tensor, state: dict) -> Tensor:
         """``p``'s current momentum projection, shaped and typed after its compressed state."""
@@ -316,6 +322,20 @@ class Flora(Optimizer):
 
 def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+# Which accumulator compresses which parameter right now: parameter -> weakref to its (last registered, not yet
+# removed) FloraAccumulator. Weak on both sides, so it keeps neither a model nor an accumulator alive. The graph
+# pass (`runlora_fx.kernels.flora_linear`) reads it on every call of a patched linear.
+_ACTIVE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def active_accumulator(p: Tensor) -> FloraAccumulator | None:
+    """The accumulator currently compressing ``p``'s gradient, or None (not registered, removed, or ``p`` too
+    small for its rank)."""
+    ref = _ACTIVE.get(p)
+    acc = ref() if ref is not None else None
+    return acc if acc is not None and acc.active and acc.compressed(p) else None
 
 
 class FloraAccumulator:
@@ -361,6 +381,9 @@ class FloraAccumulator:
         self._queued = False
         self._ddp: nn.Module | None = None
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        for p in self.params:
+            if self.compressed(p):
+                _ACTIVE[p] = weakref.ref(self)
         if _is_ddp(model):
             self._own_ddp(model)
 
@@ -377,6 +400,29 @@ class FloraAccumulator:
         update = self.updates if update is None else update
         seed = projection_seed(self.seed, _GRADIENT_STREAM, self._index[p], update)
         return random_projection(self.rank, min(p.shape), seed, p.device, p.dtype)
+
+    @property
+    def active(self) -> bool:
+        """True until :meth:`remove`."""
+        return bool(self._handles)
+
+    def add_compressed(self, p: Tensor, c: Tensor) -> None:
+        """Add an already compressed gradient ``c`` of ``p`` (``P G`` with ``P = projection(p)``, ``rank x
+        max(m, n)``, ``p``'s dtype) to the window's buffer, exactly as the hook does after compressing ``p.grad``.
+
+        Call it during a backward pass (it queues the end-of-backward callback that counts the micro-batch and
+        syncs). The graph pass uses it to hand over ``P G`` computed without ever forming ``G``.
+        """
+        if not self.compressed(p) or p not in self._index:
+            raise ValueError("p is not a parameter whose gradient this accumulator compresses")
+        if tuple(c.shape) != (self.rank, max(p.shape)):
+            raise ValueError(f"c must be {self.rank} x {max(p.shape)}, got {tuple(c.shape)}")
+        self._queue_end_of_backward()
+        with torch.no_grad():
+            if p in self._buffers:
+                self._buffers[p].add_(c)
+            else:
+                self._buffers[p] = c
 
     def buffer_bytes(self) -> int:
         """Bytes currently held in compressed buffers."""
@@ -407,6 +453,10 @@ class FloraAccumulator:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for p in self.params:
+            ref = _ACTIVE.get(p)
+            if ref is not None and ref() is self:
+                del _ACTIVE[p]
         self._buffers.clear()
         if self._ddp is not None:
             self._ddp.require_backward_grad_sync = True
@@ -424,19 +474,19 @@ class FloraAccumulator:
         self._ddp = ddp
         ddp.require_backward_grad_sync = False
 
-    def _hook(self, p: Tensor) -> None:
-        """Runs once per backward per parameter, after ``p.grad`` has been accumulated."""
+    def _queue_end_of_backward(self) -> None:
         if not self._queued:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _hook(self, p: Tensor) -> None:
+        """Runs once per backward per parameter, after ``p.grad`` has been accumulated."""
+        self._queue_end_of_backward()
         if not self.compressed(p) or p.grad is None:
             return
         with torch.no_grad():
             c = compress(self.projection(p), p.grad)
-            if p in self._buffers:
-                self._buffers[p].add_(c)
-            else:
-                self._buffers[p] = c
+        self.add_compressed(p, c)
         p.grad = None
 
     def _end_of_backward(self) -> None:
