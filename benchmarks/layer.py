@@ -291,6 +291,26 @@ def aggregate(rows: list[dict]) -> dict:
     return out
 
 
+def group_table(rows: list[dict]) -> str:
+    """Geometric means of the per-row ratios by dtype and dropout, by N and dropout, and over all rows (the
+    table docs/BENCHMARKS.md quotes)."""
+    from .common import markdown_table
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        row = r["row"]
+        for key in (f"{row['dtype']}, p = {row['dropout']:g}", f"N = {row['n']}, p = {row['dropout']:g}"):
+            groups.setdefault(key, []).append(r)
+    med = lambda r, k: r["ratios"][k]["median"]  # noqa: E731
+    body = []
+    for key, rs in sorted(groups.items()) + [("all", rows)]:
+        body.append([key, len(rs)] + [geomean([med(r, k) for r in rs]) for k in
+                                       ("runlora_fx/peft", "paper/peft", "oracle/peft", "runlora_fx/oracle")]
+                    + [sum(med(r, "runlora_fx/peft") <= 1.0 for r in rs)])
+    return markdown_table(["group", "rows", "runlora_fx / peft", "paper rule / peft", "oracle / peft",
+                           "runlora_fx / oracle", "rows with runlora_fx <= peft"], body)
+
+
 def markdown(rows: list[dict]) -> str:
     from .common import markdown_table
 
@@ -305,7 +325,7 @@ def markdown(rows: list[dict]) -> str:
                      r["ratios"]["runlora_fx/peft"]["median"], r["ratios"]["runlora_fx/oracle"]["median"],
                      r["ratios"]["paper/peft"]["median"], r["plans"]["runlora_fx"], r["plans"]["oracle"],
                      f"{sv['peft']['bytes'] / 1024:.0f}/{sv['runlora_fx']['bytes'] / 1024:.0f}"])
-    return markdown_table(header, body)
+    return markdown_table(header, body) + "\n\n" + group_table(rows) if rows else markdown_table(header, body)
 
 
 def run(cfg: LayerConfig, profile, on_row=None) -> dict:

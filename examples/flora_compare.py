@@ -16,8 +16,16 @@ they differ only on the 28 matrices of the decoder blocks:
 Every method is run at every learning rate of ``--lrs`` (the same grid for all); the summary reports, per method,
 the lr with the lowest validation loss and the test loss there, and the whole grid is printed too.
 
+``--finetune``: every run starts from one pretrained base instead of the random init. The base is the same model
+trained by full-momentum Adafactor (``--pretrain-lr``, ``--pretrain-steps``) on the top-level train split above,
+saved once to ``--cache`` (default: a file in the temp directory named by its settings) and reused by later runs.
+The methods then train on a different set of files, the stdlib's subpackage modules ``<stdlib>/<pkg>/*.py`` (none
+of them in the pretraining data; the test suite, site-packages and the generated ``encodings`` and ``pydoc_data``
+are left out), split by file the same way (``finetune_files``).
+
     .venv/bin/python examples/flora_compare.py --jobs 2 --threads 1   # the docs' table: 15 runs, ~20-30 min
     .venv/bin/python examples/flora_compare.py --steps 30 --lrs 1e-3 --kappas 10   # smoke test
+    .venv/bin/python examples/flora_compare.py --finetune --kappas 50 1000 --jobs 2 --threads 1
 
 Results and their reading: docs/FLORA.md.
 """
@@ -30,6 +38,7 @@ import math
 import multiprocessing
 import os
 import sysconfig
+import tempfile
 import time
 
 import torch
@@ -42,15 +51,28 @@ from runlora_fx.train import Flora
 BLOCK_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def load_bytes(every: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Train, validation and test byte streams from the stdlib's top-level modules, split by file.
+# Subpackages left out of the fine-tuning data: the test suite, third-party code, and two directories of generated
+# files (near-identical codec tables; one 757 kB module of documentation text).
+FINETUNE_EXCLUDE = ("test", "site-packages", "encodings", "pydoc_data")
 
-    Sorted by name, file ``i`` is test if ``i % every == 0``, validation if ``i % every == every // 2``, else train
+
+def finetune_files() -> list[str]:
+    """The stdlib's subpackage modules ``<stdlib>/<pkg>/*.py`` (one level deep), minus ``FINETUNE_EXCLUDE``."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    return [p for p in glob.glob(os.path.join(stdlib, "*", "*.py"))
+            if os.path.basename(os.path.dirname(p)) not in FINETUNE_EXCLUDE]
+
+
+def load_bytes(every: int = 10, files: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train, validation and test byte streams, split by file (default: the stdlib's top-level modules).
+
+    Sorted by path, file ``i`` is test if ``i % every == 0``, validation if ``i % every == every // 2``, else train
     (offline, deterministic per Python version).
     """
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    if files is None:
+        files = glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))
     train, val, test = bytearray(), bytearray(), bytearray()
-    for i, path in enumerate(files):
+    for i, path in enumerate(sorted(files)):
         with open(path, "rb") as f:
             (test if i % every == 0 else val if i % every == every // 2 else train).extend(f.read())
     return tuple(torch.frombuffer(b, dtype=torch.uint8).long() for b in (train, val, test))
@@ -140,9 +162,17 @@ def eval_loss(model: torch.nn.Module, eval_batches: list[torch.Tensor]) -> float
     return sum(losses) / len(losses)
 
 
-def run(method: str, args, lr: float, kappa: int | None, data: dict) -> dict:
-    torch.set_num_threads(args.threads)
+def initial_model(args) -> LlamaForCausalLM:
+    """The random init, or with ``args.init`` set the pretrained base saved there."""
     model = build_model(args.seed, args.seq)
+    if getattr(args, "init", None):
+        model.load_state_dict(torch.load(args.init, weights_only=True))
+    return model
+
+
+def run(method: str, args, lr: float, kappa: int | None, data: dict, keep_model: bool = False) -> dict:
+    torch.set_num_threads(args.threads)
+    model = initial_model(args)
     if method == "lora":
         model = lora_model(model, args.lora_rank)
     opt = make_optimizer(method, model, args, kappa, lr)
@@ -160,7 +190,7 @@ def run(method: str, args, lr: float, kappa: int | None, data: dict) -> dict:
     varying = [p for n, p in trained if is_block_matrix(n) or "lora_" in n]
     common = [p for n, p in trained if not (is_block_matrix(n) or "lora_" in n)]
     last = max(1, args.steps // 10)
-    return {
+    return ({"model": model} if keep_model else {}) | {
         "method": method if kappa is None else f"flora(kappa={kappa})",
         "lr": lr,
         "val_loss": eval_loss(model, data["val_batches"]),
@@ -179,7 +209,7 @@ _DATA: dict = {}
 def _init_worker(args) -> None:
     """Load the data once per process (the same bytes and windows in every process)."""
     torch.set_num_threads(args.threads)
-    train, val, test = load_bytes()
+    train, val, test = load_bytes(files=finetune_files() if args.finetune else None)
     _DATA.update(
         train=train,
         val_batches=batches(val, args.eval_batches, args.batch, args.seq, args.seed + 3),
@@ -191,6 +221,27 @@ def _init_worker(args) -> None:
 def _run_job(job) -> dict:
     args, method, lr, kappa = job
     return run(method, args, lr, kappa, _DATA)
+
+
+def pretrain(args) -> str:
+    """Train the base for ``--finetune`` once (full-momentum Adafactor on the top-level train split); its path."""
+    path = args.cache or os.path.join(
+        tempfile.gettempdir(), f"flora_compare_base_steps{args.pretrain_steps}_lr{args.pretrain_lr:g}"
+        f"_seed{args.seed}_batch{args.batch}_seq{args.seq}.pt")
+    if os.path.exists(path):
+        print(f"pretrained base: reusing {path}", flush=True)
+        return path
+    train, val, test = load_bytes()
+    pre_args = argparse.Namespace(**{**vars(args), "steps": args.pretrain_steps, "init": None})
+    data = {"train": train, "val_batches": batches(val, args.eval_batches, args.batch, args.seq, args.seed + 3),
+            "test_batches": batches(test, args.eval_batches, args.batch, args.seq, args.seed + 2)}
+    r = run("adafactor", pre_args, args.pretrain_lr, None, data, keep_model=True)
+    torch.save(r["model"].state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"pretrained base: {args.pretrain_steps} steps of full-momentum Adafactor at lr {args.pretrain_lr:g} on "
+          f"the top-level files: validation {r['val_loss']:.4f} test {r['test_loss']:.4f} there, train (last 10%) "
+          f"{r['train_loss_last10pct']:.4f} ({r['seconds']:.0f} s); saved to {path}", flush=True)
+    return path
 
 
 def _key(loss: float) -> float:
@@ -215,7 +266,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--finetune", action="store_true",
+                        help="start every run from a pretrained base and train on the subpackage modules")
+    parser.add_argument("--pretrain-steps", type=int, default=400, help="--finetune: steps of the base")
+    parser.add_argument("--pretrain-lr", type=float, default=1e-3, help="--finetune: lr of the base")
+    parser.add_argument("--cache", default=None, help="--finetune: where the base is saved / reused")
     args = parser.parse_args()
+    args.init = None
     if args.lora_rank is None:
         args.lora_rank = matched_lora_rank(build_model(args.seed, args.seq), args.rank)
 
@@ -225,12 +282,21 @@ def main() -> None:
     # Runs are independent and deterministic (each seeds its own model, data and projections), so the order only
     # decides what is done first: the grid in the order given, lr by lr.
     jobs = [(args, m, lr, k) for lr in args.lrs for m, k in plan]
+    start = time.time()
+    base_losses = None
+    if args.finetune:
+        args.init = pretrain(args)
     _init_worker(args)
+    if args.finetune:
+        base = initial_model(args)
+        base_losses = (eval_loss(base, _DATA["val_batches"]), eval_loss(base, _DATA["test_batches"]))
+        print(f"pretrained base on the fine-tuning data, before fine-tuning: validation {base_losses[0]:.4f} "
+              f"test {base_losses[1]:.4f}", flush=True)
     n_train, n_val, n_test = _DATA["sizes"]
     print(f"train {n_train} bytes, validation {n_val}, test {n_test}; steps={args.steps} batch={args.batch} "
           f"seq={args.seq} lrs={args.lrs} flora rank={args.rank} kappas={args.kappas} lora rank={args.lora_rank}; "
           f"{len(jobs)} runs, {args.jobs} at a time x {args.threads} threads", flush=True)
-    start, results = time.time(), []
+    results = []
 
     def done(r: dict) -> None:
         results.append(r)
@@ -265,10 +331,12 @@ def main() -> None:
         r = best[name]
         print(f"{r['method']:<24}{r['lr']:>8g}{r['val_loss']:>9.4f}{r['test_loss']:>9.4f}"
               f"{r['train_loss_last10pct']:>8.4f}{r['state_bytes_blocks']:>14,}{r['state_bytes_common']:>13,}")
-    print(f"(initial loss ln 256 = {math.log(256):.4f}; wall time {time.time() - start:.0f} s)")
+    initial = (f"pretrained base: validation {base_losses[0]:.4f} test {base_losses[1]:.4f}" if base_losses
+               else f"initial loss ln 256 = {math.log(256):.4f}")
+    print(f"({initial}; wall time {time.time() - start:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results,
+            json.dump({"args": vars(args), "results": results, "base_losses": base_losses,
                        "best": {k: v["lr"] for k, v in best.items()}}, f, indent=2)
 
 

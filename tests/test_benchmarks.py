@@ -140,7 +140,12 @@ def test_layer_row_structure(tiny_layer_result):
     json.dumps(r)  # serialisable as is
     agg = layer.aggregate([r])
     assert agg["rows"] == 1 and "geomean" in agg["runlora_fx/peft"]
-    assert layer.markdown([r]).count("\n") == 2
+    rows_table, groups_table = layer.markdown([r]).split("\n\n")
+    assert rows_table.count("\n") == 2  # header, rule, one row
+    groups = {line.split(" | ")[0].strip("| "): line for line in groups_table.splitlines()[2:]}
+    assert set(groups) == {"float32, p = 0.05", "N = 8, p = 0.05", "all"}
+    ratio = r["ratios"]["runlora_fx/peft"]["median"]
+    assert all(f"| 1 | {ratio:.3g} |" in line for line in groups.values())  # one row: its geomean is its ratio
 
 
 def test_planner_analysis_of_a_row(tiny_layer_result):
