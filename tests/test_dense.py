@@ -203,6 +203,44 @@ def test_runner_dispatches_a_plan_per_n():
     assert [s.n for s in specs] == [1, 7, 300]
 
 
+def test_runner_plan_cache_follows_every_field_of_the_call():
+    """The per-call-signature cache returns the plan spec_for + plan_for would, for every change of shape, grad
+    flag, training mode, grad mode and device profile, and the very same Plan on a repeated call."""
+    from runlora_fx.planner import device
+
+    runner = LoraLinearRunner((AdapterConfig(2.0, 0.1),))
+    w, b = torch.randn(8, 16), torch.randn(8)
+    a0, b0 = torch.randn(2, 16, requires_grad=True), torch.zeros(8, 2, requires_grad=True)
+
+    def check(x, bias, a, training):
+        got = runner._plan_of_call(x, w, bias, [(a, b0, None)], training)
+        want = runner.plan_for(runner.spec_for(x, w, bias, [(a, b0, None)], training), x.device)
+        assert got.spec == want.spec and got.program == want.program
+        return got
+
+    x = torch.randn(5, 16, requires_grad=True)
+    first = check(x, None, a0, True)
+    assert runner._plan_of_call(x, w, None, [(a0, b0, None)], True) is first
+    seen = {first.spec}
+    for call in [(torch.randn(7, 16, requires_grad=True), None, a0, True),  # another N
+                 (x.detach(), None, a0, True),  # x without grad
+                 (x, b, a0, True),  # a bias
+                 (x, None, a0.detach(), True),  # frozen A (LoRA-FA)
+                 (x, None, a0, False)]:  # eval: no dropout
+        seen.add(check(*call).spec)
+    with torch.no_grad():
+        seen.add(check(x, None, a0, True).spec)
+    assert len(seen) == 7
+    other = device.DeviceProfile("cpu", {"float32": [(8, 1e9)]}, 1e10, 1e-6)
+    loaded = dict(device._loaded)
+    try:
+        device._loaded[device.device_key("cpu")] = other
+        assert runner._plan_of_call(x, w, None, [(a0, b0, None)], True) is not first  # re-planned on the new profile
+    finally:
+        device._loaded.clear()
+        device._loaded.update(loaded)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(x=torch.randn(3, 5)), "features"),
     (dict(x=torch.randn(3, 4, dtype=torch.float64)), "dtype"),
