@@ -8,12 +8,12 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-SUITES = ("layer", "model", "memory", "planner", "all")
+SUITES = ("layer", "model", "memory", "planner", "overhead", "all")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    p.add_argument("suite", choices=SUITES, help="which benchmark to run ('all' runs layer, planner, model, memory)")
+    p.add_argument("suite", choices=SUITES, help="which benchmark to run ('all' runs layer, planner, model, memory, overhead)")
     p.add_argument("--quick", action="store_true", help="reduced grids (the whole 'all' in a few minutes): a smoke "
                    "run of every code path, not figures to quote")
     p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
@@ -26,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-map", action="store_true", help="planner: skip the (N, r) map sweep")
     p.add_argument("--model-budget-min", type=float, default=None,
                    help="model: stop starting new rows after this many minutes (rows left are listed as not run)")
+    p.add_argument("--contenders", default=None,
+                   help="model: comma-separated subset of the contenders (default: all but runlora_fast; "
+                   "see benchmarks/model.py)")
     p.add_argument("--compile-scope", choices=("layers", "model"), default=None,
                    help="model/memory: compile each decoder layer (default) or the whole model")
     return p
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = runlora_fx.calibrate()
     head = {"command": command, "quick": args.quick, "environment": common.environment(),
             "device_profile": asdict(profile)}
-    suites = ["layer", "planner", "model", "memory"] if args.suite == "all" else [args.suite]
+    suites = ["layer", "planner", "model", "memory", "overhead"] if args.suite == "all" else [args.suite]
     layer_result = None
     for suite in suites:
         t0 = time.perf_counter()
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             run_model(args, out, head)
         elif suite == "memory":
             run_memory(args, out, head)
+        elif suite == "overhead":
+            run_overhead(args, out, head)
         common.log(f"{suite} done in {time.perf_counter() - t0:.0f} s")
     return 0
 
@@ -169,6 +174,11 @@ def _model_cfg(args):
         cfg = replace(cfg, dtypes=tuple(args.dtypes.split(",")))
     if args.compile_scope:
         cfg = replace(cfg, compile_scope=args.compile_scope)
+    if args.contenders:
+        unknown = set(args.contenders.split(",")) - set(model.ALL_CONTENDERS)
+        if unknown:
+            raise SystemExit(f"unknown contender(s) {', '.join(sorted(unknown))}; valid: {', '.join(model.ALL_CONTENDERS)}")
+        cfg = replace(cfg, contenders=tuple(args.contenders.split(",")))
     return cfg
 
 
@@ -183,12 +193,24 @@ def run_model(args, out: Path, head: dict) -> dict:
     return payload
 
 
+def run_overhead(args, out: Path, head: dict) -> dict:
+    from . import overhead
+
+    cfg = overhead.QUICK if args.quick else overhead.OverheadConfig()
+    if args.repeats:
+        cfg = replace(cfg, repeats=args.repeats)
+    write = _writer(out, "overhead", head, args.quick, lambda p: overhead.markdown(p["rows"]))
+    return write(overhead.run(cfg, on_row=write), final=True)
+
+
 def run_memory(args, out: Path, head: dict) -> dict:
     import torch
 
     from . import memory
 
-    cfg = _model_cfg(args)
+    from .model import LORA_CONTENDERS
+
+    cfg = replace(_model_cfg(args), contenders=LORA_CONTENDERS)  # the floors and fast masks: see the model suite
     if args.quick:
         cfg = replace(cfg, contenders=("peft_eager", "runlora"))  # a process and a compile each: keep quick quick
     if not args.quick and not args.models:

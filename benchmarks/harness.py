@@ -130,3 +130,34 @@ def geomean(xs: Sequence[float]) -> float:
     if not xs:
         raise ValueError("geometric mean of an empty list")
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def shares_removed(times: Mapping[str, Sequence[float]], contender: str, stock: str, floor: str) -> list[float]:
+    """Round by round, the share of what `stock` costs over `floor` that `contender` removes:
+    ``(stock - contender) / (stock - floor)``. 1 means the contender runs as fast as the floor (LoRA free), 0 as
+    slow as the stock, negative slower. A round where stock is not slower than the floor has no LoRA cost to
+    share and is left out.
+
+    >>> shares_removed({"c": [1.5, 2.0], "s": [2.0, 2.0], "f": [1.0, 1.0]}, "c", "s", "f")
+    [0.5, 0.0]
+    """
+    c, s, f = times[contender], times[stock], times[floor]
+    if not len(c) == len(s) == len(f):
+        raise ValueError(f"{contender}, {stock} and {floor} need the same rounds, got {len(c)}, {len(s)}, {len(f)}")
+    return [(b - a) / (b - z) for a, b, z in zip(c, s, f) if b > z]
+
+
+def share_stats(times: Mapping[str, Sequence[float]], contender: str, stock: str, floor: str) -> dict[str, float]:
+    """Median of the per-round shares removed (the quoted figure), its quartiles, and the share computed from the
+    three medians (None where the stock was never slower than the floor).
+
+    >>> share_stats({"c": [1.5, 1.5, 1.8], "s": [2.0, 2.0, 2.0], "f": [1.0, 1.0, 1.0]}, "c", "s", "f")["median"]
+    0.5
+    """
+    r = shares_removed(times, contender, stock, floor)
+    ms, mf = median(times[stock]), median(times[floor])
+    of_medians = (ms - median(times[contender])) / (ms - mf) if ms > mf else None
+    if not r:  # None, not NaN: the results are JSON
+        return {"median": None, "q1": None, "q3": None, "of_medians": of_medians, "rounds": 0}
+    return {"median": median(r), "q1": quantile(r, 0.25), "q3": quantile(r, 0.75), "of_medians": of_medians,
+            "rounds": len(r)}

@@ -137,7 +137,7 @@ def aggregate(rows: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    from .model import CONTENDERS
+    from .model import LORA_CONTENDERS as CONTENDERS
 
     header = ["model", "r", "p", "dtype"] + [f"{c} saved MiB" for c in CONTENDERS] + \
              [f"{c} step RSS +MiB" for c in CONTENDERS]

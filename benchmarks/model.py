@@ -6,10 +6,21 @@ the LM head, which no LoRA touches, a large share of a CPU step). LoRA on all se
 
 Contenders (each its own deep copy of the same initial model and its own AdamW):
 
+* ``frozen_eager``: the floor: the same model with no LoRA at all (peft's base, unloaded), every weight frozen
+  except the RMSNorm weights, so that backward still runs every dX through every layer.
+* ``frozen_inductor``: the floor under ``torch.compile`` (inductor), compiled like the others.
 * ``peft_eager``: the peft model as is.
 * ``peft_inductor``: ``torch.compile(model)`` (inductor).
 * ``optimize``: ``runlora_fx.optimize(model)`` (planned nodes patched in place, eager otherwise).
+* ``optimize_fast``: ``runlora_fx.optimize(model, dropout_rng="fast")`` (dropout rows only: without dropout it
+  is ``optimize``).
 * ``runlora``: ``torch.compile(model, backend="runlora")`` (LoRA sites rewritten, then inductor).
+* ``runlora_fast``: the same with ``options={"dropout_rng": "fast"}`` (not in the default set: one more compile
+  per row).
+
+Besides speedups, each row reports the share of LoRA's cost a contender removes, ``(peft - contender) / (peft -
+frozen)``, each path against its own stock and floor: eager contenders against ``peft_eager`` and
+``frozen_eager``, compiled ones against ``peft_inductor`` and ``frozen_inductor`` (`SHARES`).
 
 The first call of each contender (compilation, planning) is timed separately as ``first_call_s``.
 """
@@ -22,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .common import DTYPES, SavedBytes, log, loadavg, markdown_table
-from .harness import geomean, interleaved, ratio_stats, summarize
+from .harness import geomean, interleaved, ratio_stats, share_stats, summarize
 
 MODELS = {
     "60m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
@@ -37,9 +48,18 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 TOKENS = {("60m", "float32"): (1, 512), ("60m", "bfloat16"): (2, 512),
           ("130m", "float32"): (1, 256), ("130m", "bfloat16"): (1, 512),
           ("60m-1l", "float32"): (2, 128), ("60m-1l", "bfloat16"): (2, 128)}
-CONTENDERS = ("peft_eager", "peft_inductor", "optimize", "runlora")
-RATIOS = [("peft_eager", "optimize"), ("peft_eager", "runlora"), ("peft_inductor", "runlora"),
-          ("peft_inductor", "optimize"), ("peft_eager", "peft_inductor")]  # speedups: baseline time / contender
+LORA_CONTENDERS = ("peft_eager", "peft_inductor", "optimize", "runlora")  # the memory suite's (one process each)
+CONTENDERS = ("frozen_eager", "frozen_inductor", "peft_eager", "peft_inductor", "optimize", "optimize_fast",
+              "runlora")
+ALL_CONTENDERS = CONTENDERS + ("runlora_fast",)
+FAST = {"optimize_fast": "optimize", "runlora_fast": "runlora"}  # contenders that differ only when there is dropout
+RATIOS = [("peft_eager", "optimize"), ("peft_eager", "optimize_fast"), ("peft_eager", "runlora"),
+          ("peft_inductor", "runlora"), ("peft_inductor", "runlora_fast"), ("peft_inductor", "optimize"),
+          ("peft_eager", "peft_inductor"),
+          ("peft_eager", "frozen_eager"), ("peft_inductor", "frozen_inductor")]  # baseline time / contender
+# (contender, its stock, its floor): the share of LoRA's cost removed, each path against its own peft and floor
+SHARES = [("optimize", "peft_eager", "frozen_eager"), ("optimize_fast", "peft_eager", "frozen_eager"),
+          ("runlora", "peft_inductor", "frozen_inductor"), ("runlora_fast", "peft_inductor", "frozen_inductor")]
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,17 @@ def build_peft_model(row: ModelRow, seed: int = 0):
     return model.to(DTYPES[row.dtype]).train()
 
 
+def frozen_model(peft_model):
+    """The floor of a row: `peft_model`'s base with the LoRA layers removed (unloaded, not merged), every
+    parameter frozen except the RMSNorm weights, so that backward still runs every layer's dX."""
+    model = peft_model.unload()
+    for mod in model.modules():
+        trainable = type(mod).__name__.endswith("RMSNorm")
+        for p in mod.parameters(recurse=False):
+            p.requires_grad_(trainable)
+    return model.train()
+
+
 def batch_for(row: ModelRow, cfg: ModelConfig, seed: int = 0) -> torch.Tensor:
     b, s = cfg.tokens[f"{row.model}/{row.dtype}"]
     g = torch.Generator().manual_seed(seed)
@@ -129,19 +160,30 @@ def contender_model(name: str, model, scope: str = "layers"):
     """Wrap or patch a fresh copy of `model` as contender `name`; returns (model, note) or (None, why skipped)."""
     import runlora_fx
 
+    if name == "frozen_eager":
+        return frozen_model(model), None
+    if name == "frozen_inductor":
+        return compile_model(frozen_model(model), "inductor", scope), None
     if name == "peft_eager":
         return model, None
     if name == "peft_inductor":
         return compile_model(model, "inductor", scope), None
-    if name == "optimize":
-        optimize = getattr(runlora_fx, "optimize", None)
-        if optimize is None:
-            return None, "runlora_fx.optimize does not exist yet in this checkout: contender skipped"
-        out = optimize(model)
-        return (out if isinstance(out, torch.nn.Module) else model), None
-    if name == "runlora":
-        return compile_model(model, _runlora_backend(), scope), None
-    raise ValueError(f"unknown contender {name!r}; valid: {', '.join(CONTENDERS)}")
+    if name in ("optimize", "optimize_fast"):
+        return runlora_fx.optimize(model, **_fast_options(name)), None
+    if name in ("runlora", "runlora_fast"):
+        backend = _runlora_backend()
+        if name == "runlora_fast":
+            import functools
+
+            from runlora_fx.backend import runlora_backend
+
+            backend = functools.partial(runlora_backend, options=_fast_options(name))
+        return compile_model(model, backend, scope), None
+    raise ValueError(f"unknown contender {name!r}; valid: {', '.join(ALL_CONTENDERS)}")
+
+
+def _fast_options(name: str) -> dict:
+    return {"dropout_rng": "fast"} if name in FAST else {}
 
 
 def _runlora_backend():
@@ -186,29 +228,33 @@ def run_row(row: ModelRow, cfg: ModelConfig) -> dict:
     ids = batch_for(row, cfg)
     steps, first, notes, models = {}, {}, {}, {}
     for name in cfg.contenders:
-        m, note = contender_model(name, base if name == "peft_eager" else copy.deepcopy(base), cfg.compile_scope)
-        if m is None:
-            notes[name] = note
-            log(f"  {name}: {note}")
+        if name in FAST and row.dropout == 0:
+            notes[name] = f"no dropout: the same program as {FAST[name]}"
             continue
-        models[name] = m
-        steps[name] = train_step(m, ids)
         t0 = time.perf_counter()
         try:
-            steps[name]()
+            m, note = contender_model(name, base if name == "peft_eager" else copy.deepcopy(base), cfg.compile_scope)
+            if m is None:
+                notes[name] = note
+                log(f"  {name}: {note}")
+                continue
+            step = train_step(m, ids)
+            step()
         except Exception as exc:  # report, do not hide: a contender that fails is a finding
             notes[name] = f"first step failed: {type(exc).__name__}: {exc}"[:500]
             log(f"  {name}: {notes[name]}")
-            del steps[name], models[name]
             continue
+        models[name], steps[name] = m, step
         first[name] = time.perf_counter() - t0
         log(f"  {name}: first call {first[name]:.1f} s")
     times = interleaved(steps, repeats=cfg.repeats, warmup=cfg.warmup)
     saved = {name: saved_for_backward(m, ids) for name, m in models.items()}
     ratios = {f"{a}/{b}": ratio_stats(times, a, b) for a, b in RATIOS if a in times and b in times}
+    shares = {c: share_stats(times, c, s, f) for c, s, f in SHARES if {c, s, f} <= set(times)}
     reports = _runlora_reports()
     return {"row": asdict(row), "name": row.name, "tokens": list(ids.shape), "times_s": times,
-            "summary": summarize(times), "speedups": ratios, "first_call_s": first, "notes": notes,
+            "summary": summarize(times), "speedups": ratios, "shares_removed": shares, "first_call_s": first,
+            "notes": notes,
             "saved_for_backward": saved, "runlora_backend_report": reports, "loadavg": loadavg(),
             "wall_s": time.perf_counter() - t_start}
 
@@ -225,11 +271,18 @@ def _runlora_reports():
 
 def aggregate(rows: list[dict]) -> dict:
     out: dict = {"rows": len(rows)}
-    for key in ("peft_eager/runlora", "peft_inductor/runlora", "peft_eager/optimize", "peft_inductor/optimize"):
+    for key in ("peft_eager/runlora", "peft_inductor/runlora", "peft_eager/optimize", "peft_inductor/optimize",
+                "peft_eager/optimize_fast", "peft_inductor/runlora_fast", "peft_eager/frozen_eager",
+                "peft_inductor/frozen_inductor"):
         vals = [r["speedups"][key]["median"] for r in rows if key in r["speedups"]]
         if vals:
             out[key] = {"geomean": geomean(vals), "min": min(vals), "max": max(vals), "rows": len(vals)}
-    for name in ("optimize", "runlora", "peft_inductor"):
+    for name, _, _ in SHARES:
+        vals = [r["shares_removed"][name]["median"] for r in rows
+                if r.get("shares_removed", {}).get(name, {}).get("median") is not None]
+        if vals:
+            out[f"share removed {name}"] = {"min": min(vals), "max": max(vals), "rows": len(vals)}
+    for name in ("optimize", "optimize_fast", "runlora", "runlora_fast", "peft_inductor"):
         fr = [r["saved_for_backward"][name]["bytes"] / r["saved_for_backward"]["peft_eager"]["bytes"]
               for r in rows if name in r["saved_for_backward"] and "peft_eager" in r["saved_for_backward"]]
         if fr:
@@ -238,19 +291,32 @@ def aggregate(rows: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
+    """Two tables: times and speedups per row, then each path's peft / frozen and the shares removed."""
     header = ["model", "r", "p", "dtype", "tokens", "eager s", "inductor s", "optimize s", "runlora s",
-              "vs eager (runlora)", "vs inductor (runlora)", "vs eager (optimize)", "saved MiB eager/ind/opt/rl"]
-    body = []
+              "vs eager (runlora)", "vs inductor (runlora)", "vs eager (optimize)", "vs eager (optimize fast)",
+              "saved MiB eager/ind/opt/opt-fast/rl"]
+    body, shares = [], []
     for r in rows:
         row, med = r["row"], {k: v["median"] for k, v in r["summary"].items()}
         sp = r["speedups"]
         sv = r["saved_for_backward"]
-        mib = "/".join(f"{sv[c]['bytes'] / 2**20:.1f}" if c in sv else "-" for c in CONTENDERS)
-        body.append([row["model"], row["rank"], row["dropout"], row["dtype"], "x".join(map(str, r["tokens"])),
+        mib = "/".join(f"{sv[c]['bytes'] / 2**20:.1f}" if c in sv else "-"
+                       for c in ("peft_eager", "peft_inductor", "optimize", "optimize_fast", "runlora"))
+        lead = [row["model"], row["rank"], row["dropout"], row["dtype"]]
+        body.append(lead + ["x".join(map(str, r["tokens"])),
                      med.get("peft_eager"), med.get("peft_inductor"), med.get("optimize"), med.get("runlora"),
                      sp.get("peft_eager/runlora", {}).get("median"), sp.get("peft_inductor/runlora", {}).get("median"),
-                     sp.get("peft_eager/optimize", {}).get("median"), mib])
-    return markdown_table(header, body)
+                     sp.get("peft_eager/optimize", {}).get("median"),
+                     sp.get("peft_eager/optimize_fast", {}).get("median"), mib])
+        sh = r.get("shares_removed", {})
+        shares.append(lead + [sp.get("peft_eager/frozen_eager", {}).get("median"),
+                              sp.get("peft_inductor/frozen_inductor", {}).get("median")]
+                      + [sh.get(c, {}).get("median") for c, _, _ in SHARES])
+    share_header = ["model", "r", "p", "dtype", "peft / frozen (eager)", "peft / frozen (inductor)"] + \
+        [f"share removed: {c}" for c, _, _ in SHARES]
+    return (markdown_table(header, body) + "\n\nShare of LoRA's cost removed, (peft - contender) / (peft - frozen), "
+            "eager contenders against peft eager and the frozen model eager, compiled ones against both under "
+            "inductor:\n\n" + markdown_table(share_header, shares))
 
 
 RECOMPILE_LIMIT = 64  # regional compilation: blocks x requires_grad variants x backends share one code object

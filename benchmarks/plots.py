@@ -21,6 +21,7 @@ def model_speedups(model: dict, path: Path) -> Path | None:
     plt = _plt()
     series = [("peft_eager/runlora", "runlora vs peft eager"), ("peft_inductor/runlora", "runlora vs peft inductor"),
               ("peft_eager/optimize", "optimize vs peft eager"), ("peft_inductor/optimize", "optimize vs peft inductor"),
+              ("peft_eager/optimize_fast", "optimize (fast masks) vs peft eager"),
               ("peft_eager/peft_inductor", "peft inductor vs peft eager")]
     series = [(k, lbl) for k, lbl in series if any(k in r["speedups"] for r in rows)]
     short = {"float32": "fp32", "bfloat16": "bf16"}

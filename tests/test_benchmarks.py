@@ -180,3 +180,59 @@ def test_doctests_of_the_pure_helpers():
     for mod in (harness, paper_rule, planner, common, layer):
         result = doctest.testmod(mod)
         assert result.failed == 0, f"{mod.__name__}: {result.failed} doctest(s) failed"
+
+
+def test_share_of_lora_cost_removed_is_taken_round_by_round():
+    times = {"opt": [1.5, 1.2, 2.0, 3.0], "peft": [2.0, 2.0, 2.0, 2.0], "frozen": [1.0, 1.0, 1.0, 2.5]}
+    # round 4: peft is not slower than the floor, so it has no LoRA cost to share and is dropped
+    assert harness.shares_removed(times, "opt", "peft", "frozen") == [0.5, pytest.approx(0.8), 0.0]
+    stats = harness.share_stats(times, "opt", "peft", "frozen")
+    assert stats["median"] == 0.5 and stats["rounds"] == 3
+    assert stats["of_medians"] == pytest.approx((2.0 - 1.75) / (2.0 - 1.0))
+    assert harness.share_stats({"a": [1.0], "b": [1.0], "c": [1.0]}, "a", "b", "c")["median"] is None
+    with pytest.raises(ValueError):
+        harness.shares_removed({"a": [1.0], "b": [1.0, 2.0], "c": [1.0, 1.0]}, "a", "b", "c")
+
+
+def test_model_shares_pair_each_path_with_its_own_stock_and_floor():
+    from benchmarks import model
+
+    for contender, stock, floor in model.SHARES:
+        compiled = contender.startswith("runlora")
+        assert stock == ("peft_inductor" if compiled else "peft_eager")
+        assert floor == ("frozen_inductor" if compiled else "frozen_eager")
+        assert {contender, stock, floor} <= set(model.ALL_CONTENDERS)
+    fake = {"row": {"model": "60m", "rank": 8, "dropout": 0.05, "dtype": "float32"}, "tokens": [1, 8],
+            "summary": {c: {"median": 1.0} for c in model.CONTENDERS}, "saved_for_backward": {},
+            "speedups": {"peft_eager/frozen_eager": {"median": 1.8}},
+            "shares_removed": {"optimize": {"median": 0.25}}}
+    table = model.markdown([fake])
+    assert "| 60m | 8 | 0.05 | float32 | 1.8 |  | 0.25 |" in table
+    assert model.aggregate([fake])["share removed optimize"] == {"min": 0.25, "max": 0.25, "rows": 1}
+
+
+def test_frozen_model_has_no_lora_and_trains_only_the_norms():
+    from benchmarks import model
+    from lora_models import tiny_llama, tokens
+
+    frozen = model.frozen_model(tiny_llama(dropout=0.05))
+    names = [n for n, _ in frozen.named_parameters()]
+    assert names and not any("lora" in n for n in names)
+    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable and all("norm" in n for n in trainable)
+    ids = tokens()
+    frozen(input_ids=ids, labels=ids).loss.backward()
+    first_norm = "model.layers.0.input_layernorm.weight"  # the earliest norm: its grad needs every layer's dX
+    assert dict(frozen.named_parameters())[first_norm].grad is not None
+
+
+def test_overhead_row_structure():
+    from benchmarks import overhead
+
+    cfg = overhead.OverheadConfig(calls=2, repeats=2, warmup=0)
+    r = overhead.run_row(overhead.OverheadRow(16, 8, 4, 2, "float32", 0.05), cfg)
+    assert set(r["times_s"]) == set(overhead.CONTENDERS) and all(len(v) == 2 for v in r["times_s"].values())
+    assert r["ratios"]["optimize/peft"]["median"] == harness.median(
+        harness.pairwise_ratios(r["times_s"], "optimize", "peft"))
+    assert overhead.markdown([r]).count("\n") == 2
+    json.dumps(r)
