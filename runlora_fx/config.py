@@ -17,6 +17,8 @@ class OptimizeConfig:
     time_slack: for objective="memory", how much slower than the fastest a lighter program may be.
     strategy: "model" (cost model), "flops" (RunLoRA's FLOPs argmin) or "lightest".
     inner: the compiler the backend hands the rewritten graph to: "inductor", "aot_eager" or "eager".
+    dropout_rng: "torch" (peft's dropout masks bit for bit) or "fast" (`kernels.rng`: masks with the same keep
+        probability within 2^-16, drawn several elements per random word; another random stream).
     """
 
     objective: str = "time"
@@ -24,6 +26,7 @@ class OptimizeConfig:
     time_slack: float = 0.10
     strategy: str = "model"
     inner: str = "inductor"
+    dropout_rng: str = "torch"
 
     def __post_init__(self) -> None:
         if self.inner not in INNER_COMPILERS:
@@ -32,7 +35,7 @@ class OptimizeConfig:
 
     @property
     def search_options(self) -> SearchOptions:
-        return SearchOptions(self.objective, self.memory_budget, self.time_slack, self.strategy)
+        return SearchOptions(self.objective, self.memory_budget, self.time_slack, self.strategy, self.dropout_rng)
 
     @classmethod
     def from_options(cls, options: dict | None) -> "OptimizeConfig":

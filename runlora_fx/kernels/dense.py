@@ -161,7 +161,7 @@ class LoraLinearRunner:
         return SiteSpec(n, i, o, tuple(specs), bias=bias is not None, dtype=dtype,
                         adapter_dtype=adapter_dtype if adapter_dtype != dtype else None,
                         grad_x=flags["x"], grad_bias=flags.get("b", False), training=training, quant=self.quant_spec(),
-                        x_readers=self.x_readers)
+                        x_readers=self.x_readers, dropout_rng=self.options.dropout_rng)
 
     def plan_for(self, spec: SiteSpec, device: torch.device, layout: tuple[str, ...] | None = None) -> Plan:
         """The plan for this call; with `layout`, only programs saving exactly those tensors are considered."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..planner.expr import Step
+from .rng import fast_mask, new_seed
 
 
 def draw_mask(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, p: float) -> torch.Tensor:
@@ -101,6 +102,10 @@ def run(steps: list[Step], env: dict[str, torch.Tensor], shapes: dict[str, tuple
             out = rng_state(a[0].device)
         elif s.op == "redraw_mask":
             out = redraw_mask(a[0], shapes[s.out], s.dtype, env["G"].device, s.p)
+        elif s.op == "rng_seed":
+            out = new_seed(a[0].device)
+        elif s.op == "fast_mask":
+            out = fast_mask(a[0], shapes[s.out], (env["G"] if "G" in env else env["x"]).device, s.p)
         elif s.op == "mul":
             out = a[0] * a[1]
         elif s.op == "addcmul":

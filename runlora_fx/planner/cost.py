@@ -74,7 +74,7 @@ def step_flops(step: Step, shapes: dict[str, tuple[int, ...]]) -> int:
 # per mask element and extra kernels beyond the step's own read and write.
 BITS_EXTRA = {"pack_bits": (5, 2), "unpack_bits": (2, 1)}
 # Steps whose arguments give only a shape or a generator state: they read no tensor data.
-_READ_NOTHING = ("rng_state", "draw_mask", "redraw_mask")
+_READ_NOTHING = ("rng_state", "draw_mask", "redraw_mask", "rng_seed", "fast_mask")
 
 
 def step_bytes(step: Step, low: Lowered) -> int:
@@ -103,11 +103,13 @@ def step_time(step: Step, low: Lowered, profile: DeviceProfile) -> float:
         t = max(t, math.prod(low.shapes[step.out]) / profile.dequantize_rate)
     elif step.op in ("draw_mask", "redraw_mask"):
         t = max(t, math.prod(low.shapes[step.out]) / profile.rng_rate)
+    elif step.op == "fast_mask":
+        t = max(t, math.prod(low.shapes[step.out]) / profile.fast_rng_rate)
     elif step.op in MATMUL_OPS:
         if flops:
             dims = [d for name in step.args[:3] for d in low.shapes[name] if len(low.shapes[name]) == 2]
             t = max(t, flops / profile.rate(dtype, min(dims)))
-    elif step.op != "rng_state":
+    elif step.op not in ("rng_state", "rng_seed"):
         # elementwise passes are compute bound on CPUs: priced at the output dtype's rate (a uint8/bool mask at
         # float32's) over the largest tensor the step touches
         out_dtype = low.dtypes[step.out]

@@ -37,6 +37,9 @@ DEQUANTIZE_CALIBRATION_SHAPE = (2048, 2048)
 # Dropout noise values drawn per second until calibrate() measures it: CPU RNG is far slower than a memory pass
 # (torch 2.13 on a 2-core CPU: 3e7 to 8e7 measured), which decides whether regenerating a mask beats storing it.
 DEFAULT_RNG_RATE = {"cpu": 5e7, "cuda": 5e10}
+# The same for the fast generator (kernels.rng: four mask elements per random 64-bit word and one comparison pass):
+# 6e8 measured on one thread of this machine, unloaded; on a GPU it is as fast as torch's own draw.
+DEFAULT_FAST_RNG_RATE = {"cpu": 3e8, "cuda": 5e10}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 # CPU bf16 matmul defaults (FLOP/s at smallest dims 8/32/128/512) by how the CPU multiplies bf16. AMX tiles:
@@ -75,8 +78,9 @@ def monotone_curve(points) -> list[tuple[int, float]]:
 @dataclass(eq=False)  # hashed by identity: plan caches are keyed by the profile they were priced with
 class DeviceProfile:
     """Matmul rate per dtype as (smallest dim, FLOP/s) points, memory bandwidth, per-kernel overhead, how fast
-    a bitsandbytes 4-bit weight is dequantized (values written per second), the dropout RNG rate, and the
-    elementwise rate per dtype (elements per second; empty means elementwise passes are bandwidth bound)."""
+    a bitsandbytes 4-bit weight is dequantized (values written per second), the dropout RNG rates (torch's draw
+    and the fast generator's, `kernels.rng`), and the elementwise rate per dtype (elements per second; empty
+    means elementwise passes are bandwidth bound)."""
 
     device: str
     matmul_rate: dict[str, list[tuple[int, float]]]
@@ -86,6 +90,7 @@ class DeviceProfile:
     meta: dict = field(default_factory=dict)
     dequantize_rate: float = DEFAULT_DEQUANTIZE_RATE["cpu"]  # 4-bit values dequantized per second
     rng_rate: float = DEFAULT_RNG_RATE["cpu"]  # dropout noise values drawn per second
+    fast_rng_rate: float = DEFAULT_FAST_RNG_RATE["cpu"]  # mask elements per second of kernels.rng.fast_mask
     elementwise_rate: dict[str, float] = field(default_factory=dict)  # elements per second, by dtype name
 
     def rate(self, dtype: torch.dtype, min_dim: int) -> float:
@@ -194,6 +199,7 @@ def _default_fields(kind: str) -> dict:
         # elementwise passes on a GPU are bandwidth bound: rates far above bandwidth / bytes per element
         return dict(device="cuda", matmul_rate=rates, bandwidth=1.0e12, launch_overhead=6e-6, measured=False, meta={},
                     dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cuda"], rng_rate=DEFAULT_RNG_RATE["cuda"],
+                    fast_rng_rate=DEFAULT_FAST_RNG_RATE["cuda"],
                     elementwise_rate={"float32": 1e12, "bfloat16": 1e12, "float16": 1e12})
     bf16 = cpu_bf16_support()
     rates = {"float32": [(8, 8e9), (32, 25e9), (128, 45e9), (512, 60e9)],
@@ -203,6 +209,7 @@ def _default_fields(kind: str) -> dict:
                    "float64": 5e8}
     return dict(device="cpu", matmul_rate=rates, bandwidth=8e9, launch_overhead=8e-6, measured=False,
                 meta={"bf16": bf16}, dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cpu"], rng_rate=DEFAULT_RNG_RATE["cpu"],
+                fast_rng_rate=DEFAULT_FAST_RNG_RATE["cpu"],
                 elementwise_rate=elementwise)
 
 
@@ -297,11 +304,11 @@ def _dequantize_rate(device: torch.device, budget: float) -> float | None:
 
 def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.bfloat16), *, save: bool = True,
               seconds: float = 6.0) -> DeviceProfile:
-    """Measure matmul rates on LoRA's shapes, elementwise rates, bandwidth, launch overhead, the RNG rate and
+    """Measure matmul rates on LoRA's shapes, elementwise rates, bandwidth, launch overhead, the RNG rates and
     (with bitsandbytes) the 4-bit dequantize rate on `device` (about `seconds` s) and cache the result."""
     device = torch.device(device)
-    # budget units: one per matmul point (its three forms share it), one per elementwise dtype, and four more
-    per = seconds / (len(dtypes) * (len(CALIBRATION_MIN_DIMS) + 1) + 4)
+    # budget units: one per matmul point (its three forms share it), one per elementwise dtype, and five more
+    per = seconds / (len(dtypes) * (len(CALIBRATION_MIN_DIMS) + 1) + 5)
     rates: dict[str, list[tuple[int, float]]] = {}
     elementwise: dict[str, float] = {}
     for dt in dtypes:
@@ -317,10 +324,15 @@ def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.b
     dequantize_rate = _dequantize_rate(device, per) or default_profile(device).dequantize_rate
     noise = torch.empty(1024 * 1024, device=device)
     rng_rate = noise.numel() / _time(lambda: noise.bernoulli_(0.95), device, per)
+    from ..kernels.rng import fast_mask, new_seed
+
+    seed = new_seed(device)
+    fast_rng_rate = noise.numel() / _time(lambda: fast_mask(seed, tuple(noise.shape), device, 0.05), device, per)
     profile = DeviceProfile(device_key(device), rates, bandwidth, overhead, measured=True,
                             meta={"torch": torch.__version__, "threads": torch.get_num_threads(), "when": time.time(),
                                   "format": PROFILE_FORMAT},
-                            dequantize_rate=dequantize_rate, rng_rate=rng_rate, elementwise_rate=elementwise)
+                            dequantize_rate=dequantize_rate, rng_rate=rng_rate, fast_rng_rate=fast_rng_rate,
+                            elementwise_rate=elementwise)
     if save:
         path = _profile_path(device)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ from typing import Iterator, Literal
 
 import torch
 
+from ..kernels.rng import effective_p  # the probability the fast generator draws with (its module imports torch only)
+
 ForwardOrder = Literal["chain", "merged"]
 GradAOrder = Literal["zx", "bt"]  # dA = s (G B)^T x_d   |   dA = s B^T (G^T x_d)
 GradBOrder = Literal["gu", "ta"]  # dB = s G^T (x_d A^T) |   dB = s (G^T x_d) A^T
@@ -28,10 +30,12 @@ MaskStore = Literal["bool", "bits", "seed", "dense", "none"]
 # into its noise is folded into the adapter's scale (`_Lowering.scale`), which costs no pass at all.
 #   bool: one byte per element (uint8), drawn that way, so keeping it costs nothing extra
 #   bits: 8 elements per byte, packed in forward and unpacked in backward
-#   seed: the generator state before the draw; backward draws the same mask again
+#   seed: the generator state before the draw (torch), or the mask's 8-byte seed (dropout_rng="fast"); backward
+#         draws the same mask again
 #   dense: the mask in the adapters' dtype, as torch's dropout keeps it (peft's program; never cheaper than bool)
 MASK_STORES: tuple[str, ...] = ("bool", "bits", "seed")  # searched; "dense" only describes the stock program
 RNG_STATE_BYTES = 5056  # torch's CPU generator state (a CUDA/Philox state is 16 bytes)
+DROPOUT_RNGS = ("torch", "fast")  # F.dropout's stream (peft's masks) | kernels.rng: 4 elements per random word
 QUANT_TYPES = ("nf4", "fp4")
 QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
 QUANT_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -121,8 +125,11 @@ class SiteSpec:
     training: bool = True
     quant: QuantSpec | None = None  # a bitsandbytes 4-bit base (its bias, if any, is in quant.compute_dtype)
     x_readers: int = 1  # sites that read this very x (q/k/v, gate/up): a saved x is shared, so counted as a share
+    dropout_rng: str = "torch"  # how masks are drawn (DROPOUT_RNGS); "fast" is not peft's stream
 
     def __post_init__(self) -> None:
+        if self.dropout_rng not in DROPOUT_RNGS:
+            raise ValueError(f"dropout_rng must be one of {', '.join(DROPOUT_RNGS)}, got {self.dropout_rng!r}")
         if not isinstance(self.x_readers, int) or self.x_readers < 1:
             raise ValueError(f"x_readers must be a positive integer, got {self.x_readers!r}")
         if not isinstance(self.n, torch.SymInt) and (not isinstance(self.n, int) or self.n < 0):
@@ -274,7 +281,8 @@ class Step:
     """One operation of a program. `args` name tensors in the run's environment.
 
     ops: linear (a @ w^T + bias), mm (alpha op(a) @ op(b)), addmm (acc + alpha op(a) @ op(b)), cast,
-    draw_mask (a {0, 1} dropout mask in `dtype`, RNG-identical to F.dropout's), rng_state, redraw_mask, mul,
+    draw_mask (a {0, 1} dropout mask in `dtype`, RNG-identical to F.dropout's), rng_state, redraw_mask,
+    rng_seed (a fast mask's seed, from the global generator), fast_mask (the {0, 1} uint8 mask of a seed), mul,
     addcmul (a + alpha b ⊙ c), scale, pack_bits, unpack_bits, axpy (a + alpha b, broadcast), sum_rows (alpha * sum over N),
     dequantize (a 4-bit weight and its quant state to a dense weight in `dtype`).
     """
@@ -301,6 +309,8 @@ class Step:
             "draw_mask": f"bernoulli(1-{self.p:g}) like {a[0]}",
             "rng_state": f"rng state before drawing for {a[0]}",
             "redraw_mask": f"bernoulli(1-{self.p:g}) redrawn from {a[0]}",
+            "rng_seed": f"seed for the mask of {a[0]}",
+            "fast_mask": f"fast_mask(1-{self.p:g}) from {a[0]}",
             "mul": f"{a[0]} ⊙ {a[1]}",
             "addcmul": f"{a[0]} + {s}{a[1]} ⊙ {a[2]}",
             "scale": f"{s}{a[0]}",
@@ -382,11 +392,21 @@ class _Lowering:
         shape = (self.spec.out_features, self.spec.in_features)
         return self.emit(Step("dequantize", "Wd", ("W", "qs"), dtype=q.compute_dtype), shape, q.compute_dtype)
 
+    @property
+    def fast(self) -> bool:
+        """Masks come from kernels.rng (the stock "dense" store stays torch's draw: it is peft's program)."""
+        return self.spec.dropout_rng == "fast" and self.p.mask != "dense"
+
+    def drop_p(self, k: int) -> float:
+        """The drop probability actually used: the fast generator's is p rounded to 2^-16."""
+        p = self.spec.adapters[k].dropout
+        return effective_p(p) if self.fast else p
+
     def scale(self, k: int) -> float:
         """Adapter k's scale on every product through its masked input: s / (1-p) under dropout, since the mask
         is kept as {0, 1} (torch's noise is mask / (1-p)); the lora bias alone is never dropped."""
         a = self.spec.adapters[k]
-        return a.scale / (1.0 - a.dropout) if self.spec.drops(k) else a.scale
+        return a.scale / (1.0 - self.drop_p(k)) if self.spec.drops(k) else a.scale
 
     def cast(self, out: str, name: str, dtype: torch.dtype) -> str:
         """`name` in `dtype`; reuses the adapters' cast (xa, Ga) when it is the same one."""
@@ -410,6 +430,9 @@ class _Forward(_Lowering):
         byte per element, or the adapters' dtype for the stock "dense" store."""
         p = self.spec.adapters[k].dropout
         xa = self.xa()
+        if self.fast:
+            seed = self.emit(Step("rng_seed", f"sd{k}", (xa,)), (), torch.int64)
+            return self.emit(Step("fast_mask", f"md{k}", (seed,), p=p, dtype=torch.uint8), self.shapes[xa], torch.uint8)
         if self.p.mask == "seed":
             self.emit(Step("rng_state", f"rng{k}", (xa,)), (RNG_STATE_BYTES,), torch.uint8)
         dt = self.spec.compute_dtype if self.p.mask == "dense" else torch.uint8
@@ -520,6 +543,9 @@ class _Backward(_Lowering):
         store = self.p.mask
         if store in ("bool", "dense"):
             return self.keep(fmd)
+        if store == "seed" and self.fast:
+            self.keep(f"sd{k}")
+            return self.emit(Step("fast_mask", name, (f"sd{k}",), p=p, dtype=torch.uint8), shape, torch.uint8)
         if store == "seed":
             self.keep(f"rng{k}")
             return self.emit(Step("redraw_mask", name, (f"rng{k}",), p=p, dtype=torch.uint8), shape, torch.uint8)

@@ -14,7 +14,7 @@ import torch
 
 from .cost import price
 from .device import DeviceProfile, get_profile
-from .expr import SiteSpec, build_steps, enumerate_programs, stock_program
+from .expr import DROPOUT_RNGS, SiteSpec, build_steps, enumerate_programs, stock_program
 from .plan import Plan, PlanTable
 
 Objective = Literal["time", "memory"]
@@ -33,12 +33,15 @@ class SearchOptions:
         1.0 (the default) means never more than stock.
     time_slack: for objective="memory", how much slower than the fastest a lighter program may be (0.1 = 10%).
     strategy: a name from STRATEGIES.
+    dropout_rng: how dropout masks are drawn: "torch" (F.dropout's stream, peft's masks bit for bit) or "fast"
+        (`kernels.rng`: another stream, several times faster on a CPU; the runner puts it in the SiteSpec).
     """
 
     objective: Objective = "time"
     memory_budget: float = 1.0
     time_slack: float = 0.10
     strategy: str = "model"
+    dropout_rng: str = "torch"
 
     def __post_init__(self) -> None:
         if self.objective not in ("time", "memory"):
@@ -49,6 +52,8 @@ class SearchOptions:
             raise ValueError(f"time_slack must be a non-negative fraction, got {self.time_slack!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; valid: {', '.join(sorted(STRATEGIES))}")
+        if self.dropout_rng not in DROPOUT_RNGS:
+            raise ValueError(f"dropout_rng must be one of {', '.join(DROPOUT_RNGS)}, got {self.dropout_rng!r}")
 
 
 def candidates(spec: SiteSpec, profile: DeviceProfile | None = None, *, prune: bool = True) -> PlanTable:

@@ -1,0 +1,56 @@
+"""The fast dropout generator (``dropout_rng="fast"``): four mask elements per random 64-bit word.
+
+Why: torch's CPU dropout draws one `bernoulli_` value per element from mt19937, serially; on the LLaMA 60m step
+that is a quarter of peft's time. Here each mask is drawn from a private generator seeded by one value taken from
+the global generator: the words come from `random_` on int64 (whole 64-bit words), each read as four 16-bit
+integers, and an element is kept when its integer is at or above a threshold. Measured on one thread here over
+1.4 M elements: 2.4 ms against 9 ms for `bernoulli_` (`benchmarks/results` has no separate suite for it; the
+cost model's `fast_rng_rate` is calibrated per device).
+
+What it guarantees:
+
+* keep probability ``1 - p_eff`` with ``p_eff = round(p * 2^16) / 2^16`` (within 2^-17 of p); the plan scales
+  by ``1 / (1 - p_eff)``, the probability actually used, so the expectation is exact;
+* one draw from the global generator per mask, so ``torch.manual_seed`` makes a run repeat exactly, and every
+  site and step gets its own seed. Seeds are 32-bit (torch seeds its mt19937 from 32 bits), so among 10^5 masks
+  (1800 steps of 56 sites) about one pair shares a seed, and so a mask: no correlation a training run can see;
+* the same seed gives the same mask: backward regenerates it from an 8-byte seed instead of saving the mask or
+  the 5 KB mt19937 state.
+
+It is not peft's stream: ``dropout_rng="torch"`` (the default) keeps peft's masks bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+RNG_CHOICES = ("torch", "fast")
+THRESHOLD_BITS = 16
+_LEVELS = 1 << THRESHOLD_BITS
+SEED_BYTES = 8  # what the "seed" mask store saves per mask when fast
+
+
+def effective_p(p: float) -> float:
+    """The drop probability the fast generator actually uses: p rounded to a multiple of 2^-16.
+
+    >>> effective_p(0.05) == 3277 / 65536
+    True
+    """
+    return round(p * _LEVELS) / _LEVELS
+
+
+def new_seed(device: torch.device) -> torch.Tensor:
+    """A 0-d int64 seed on `device`, drawn from torch's global CPU generator (one value per mask)."""
+    return torch.empty((), dtype=torch.int64).random_(0, 1 << 32).to(device)
+
+
+def fast_mask(seed: torch.Tensor, shape: tuple[int, ...], device: torch.device, p: float) -> torch.Tensor:
+    """The {0, 1} uint8 keep mask of `shape` for `seed`: 1 with probability 1 - effective_p(p)."""
+    n = math.prod(shape)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=gen)
+    threshold = round(p * _LEVELS) - _LEVELS // 2  # int16 values are uniform over [-2^15, 2^15)
+    keep = words.view(torch.int16)[:n] >= threshold
+    return keep.view(torch.uint8).view(shape)
