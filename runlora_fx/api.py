@@ -225,13 +225,23 @@ def _check_calls(model: nn.Module, patched: list[PatchedSite], example_inputs, e
                 bad.append(site)
             return None
         handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+    # fast dropout masks are another stream than the original's: check those sites with dropout off
+    modes = {m: m.training for m in model.modules()} if _fast_masks(patched) else {}
     try:
+        if modes:
+            model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(*example_inputs, **example_kwargs)
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
     return bad
+
+
+def _fast_masks(patched: list[PatchedSite]) -> bool:
+    return any(site.runner.options.dropout_rng == "fast" for site in patched)
 
 
 def _optimize_now(model: nn.Module, state: OptimizedState, example_inputs: tuple, example_kwargs: dict,

@@ -169,3 +169,60 @@ def test_torch_rng_plans_draw_no_fast_mask():
     spec = SiteSpec(64, 32, 48, (AdapterSpec(4, 2.0, 0.1),))
     for plan in fast_plans(spec):
         assert not any(s.op in ("fast_mask", "rng_seed") for s in plan.lowered.forward + plan.lowered.backward)
+
+
+def _demo_losses(dropout_rng: str | None, seed: int, steps: int = 30) -> list[float]:
+    """The demo's model and batches (tiny widths), trained `steps` steps; dropout drawn from `seed`. None: peft."""
+    import runlora_fx
+    from runlora_fx.demo import DemoConfig, batches, build_model
+
+    cfg = DemoConfig(hidden=64, ffn=128, layers=1, heads=4, vocab=64, batch=4, seq=32, rank=4, dropout=0.1)
+    model = build_model(cfg).train()
+    data = batches(cfg, 4)
+    if dropout_rng is not None:
+        runlora_fx.optimize(model, example_kwargs={"input_ids": data[0]}, dropout_rng=dropout_rng)
+        assert len(runlora_fx.api.optimized_sites(model)) == 7
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(seed)
+    losses = []
+    for k in range(steps):
+        ids = data[k % len(data)]
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.slow
+def test_training_with_fast_masks_stays_within_the_noise_of_peft():
+    """Two peft runs that differ only in their dropout seed set the noise; the fast-mask run must sit as close to
+    peft's curve as that (3x the noise), and learn as much."""
+    peft_a, peft_b, fast = _demo_losses(None, 0), _demo_losses(None, 1), _demo_losses("fast", 0)
+    gap = lambda u, v: sum(abs(x - y) for x, y in zip(u, v)) / len(u)  # noqa: E731
+    noise = gap(peft_a, peft_b)
+    assert 0 < noise and gap(fast, peft_a) <= 3 * noise, (gap(fast, peft_a), noise)
+    tail = lambda v: sum(v[-5:]) / 5  # noqa: E731
+    learned = peft_a[0] - tail(peft_a)
+    assert learned > 10 * noise  # the curve falls well beyond the noise, so the comparison means something
+    assert abs(tail(fast) - tail(peft_a)) <= 3 * noise + 0.1 * learned
+
+
+@pytest.mark.slow
+def test_backend_option_draws_the_same_fast_masks_as_optimize():
+    import copy
+
+    import runlora_fx
+    from lora_models import loss_and_grads, tiny_llama, tokens
+
+    model, ids = tiny_llama(dropout=0.2), tokens()
+    eager = runlora_fx.optimize(copy.deepcopy(model), (ids,), dropout_rng="fast")
+    compiled = torch.compile(copy.deepcopy(model), backend="runlora",
+                             options={"dropout_rng": "fast", "inner": "eager"})
+    peft_loss, _ = loss_and_grads(model, ids)
+    (loss_e, grads_e), (loss_c, grads_c) = loss_and_grads(eager, ids), loss_and_grads(compiled, ids)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert abs(loss_e.item() - peft_loss.item()) > 1e-6  # another stream than peft's masks
