@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from .config import OptimizeConfig
+from .kernels import autocast
 from .kernels.dense import LoraLinearRunner
 from .kernels.flora_linear import FloraLinearRunner, is_plain_linear
 from .passes.match import ModelMatch, match_model, site_params
@@ -107,8 +108,7 @@ def _in_planned_state(site: PatchedSite, x: Any, args: tuple, kwargs: dict) -> b
     tensors = _tensors(site.params)
     if tuple(t.dtype for t in tensors) != site.dtypes or any(t.device != site.device for t in tensors):
         return False
-    return x.device == site.device and site.runner.accepts(x, site.params.weight, module) \
-        and not torch.is_autocast_enabled(x.device.type)
+    return x.device == site.device and autocast.accepts(site.runner, x, tensors, module)
 
 
 def _training(site: PatchedSite) -> bool:
@@ -126,7 +126,7 @@ def _planned_forward(site: PatchedSite) -> Callable[..., Any]:
     def forward(x, *args, **kwargs):
         if not _in_planned_state(site, x, args, kwargs):
             return original(x, *args, **kwargs)
-        return site.runner(x, site.params.weight, site.params.bias, adapters, _training(site))
+        return autocast.call(site.runner, x, site.params.weight, site.params.bias, adapters, _training(site))
 
     forward.__runlora_fx__ = True
     return forward

@@ -83,19 +83,6 @@ def test_falls_back_outside_the_planned_state(monkeypatch):
     assert not calls  # planned for float64: a dtype change runs the original forward
 
 
-def test_cpu_autocast_runs_the_original_forward(monkeypatch):
-    """Under autocast the original layer computes in the autocast dtype; the planned node must not run."""
-    model = tiny_llama(0.0, torch.float32)
-    ref = copy.deepcopy(model)
-    optimized(model)
-    calls = _planned_calls(model, monkeypatch)
-    ids = tokens()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
-    assert not calls
-    assert torch.equal(out, want)
-
-
 def test_parameters_keep_identity_names_and_state_dict():
     model = tiny_llama(0.05)
     before = dict(model.named_parameters())
