@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile layer 512 1376 2048 8 bfloat16 0.05
     python -m benchmarks.profile model 60m 8 0.05 float32
+    python -m benchmarks.profile masks 1024 1376      # drawing a mask and multiplying by it, per dtype
 
 Each contender runs `calls` times under `torch.profiler` (after a warm-up); the table lists, per contender, the
 ops with the most self CPU time and their share of the contender's total, so two contenders' tables can be
@@ -62,6 +63,38 @@ def model(name: str, rank: int, p: float, dtype: str, contenders=("peft_eager", 
     return out
 
 
+def masks(n: int, i: int, repeats: int = 20) -> dict:
+    """Milliseconds (median of `repeats`) of the passes a dropout mask costs over an n x i activation: torch's
+    draw, the fast generator's (as bytes and straight into the float dtype), and x times a byte mask against x
+    times a mask already in x's dtype (the widening copy `cost.widening_time` prices)."""
+    import time
+
+    import torch
+
+    from runlora_fx.kernels.rng import fast_mask, new_seed
+
+    def ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2] * 1e3
+
+    cpu, seed, out = torch.device("cpu"), new_seed(torch.device("cpu")), {"shape": f"{n}x{i}"}
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(n, i, dtype=dt)
+        byte, wide = (torch.rand(n, i) > 0.05).to(torch.uint8), (torch.rand(n, i) > 0.05).to(dt)
+        out[str(dt).replace("torch.", "")] = {
+            "bernoulli_ (torch)": ms(lambda: torch.empty(n, i, dtype=torch.uint8).bernoulli_(0.95)),
+            "fast_mask uint8": ms(lambda: fast_mask(seed, (n, i), cpu, 0.05)),
+            "fast_mask in dtype": ms(lambda: fast_mask(seed, (n, i), cpu, 0.05, dt)),
+            "x * uint8 mask": ms(lambda: x * byte), "x * mask in dtype": ms(lambda: x * wide),
+            "x * 2 (one pass)": ms(lambda: x * 2)}
+    return out
+
+
 def _print(result: dict) -> None:
     for k, v in result.items():
         if isinstance(v, dict) and "ops" in v:
@@ -69,7 +102,7 @@ def _print(result: dict) -> None:
             for op in v["ops"]:
                 print(f"  {op['ms_per_call']:9.2f} ms  {op['share'] * 100:5.1f}%  x{op['calls_per_call']:<5g} {op['op']}")
         else:
-            print(f"{k}: {v}")
+            print(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}")
 
 
 if __name__ == "__main__":
@@ -77,6 +110,8 @@ if __name__ == "__main__":
     if kind == "layer":
         i, o, n, r, dt, p = rest
         res = layer(int(i), int(o), int(n), int(r), dt, float(p))
+    elif kind == "masks":
+        res = masks(*(int(v) for v in rest[:2]))
     elif kind == "model":
         m, r, p, dt, *cs = rest
         res = model(m, int(r), float(p), dt, tuple(cs) or ("peft_eager", "optimize"))

@@ -226,3 +226,30 @@ def test_backend_option_draws_the_same_fast_masks_as_optimize():
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
     assert abs(loss_e.item() - peft_loss.item()) > 1e-6  # another stream than peft's masks
+
+
+@pytest.mark.parametrize("dropout_rng", ["torch", "fast"])
+def test_masks_not_kept_as_bytes_are_drawn_in_the_adapters_dtype_and_byte_masks_pay_the_widening(dropout_rng):
+    from runlora_fx.planner.cost import widening_time
+
+    spec = SiteSpec(256, 64, 96, (AdapterSpec(4, 2.0, 0.1),), dropout_rng=dropout_rng)
+    plans = {p.program.mask: p for p in fast_plans(spec) if p.program.forward == "chain" and p.program.keep_xd
+             and p.program.keep_u and p.program.grad_a == "zx" and p.program.grad_b == "gu"}
+    for store, plan in plans.items():
+        low = plan.lowered
+        drawn = [s for s in low.forward + low.backward if s.op in ("draw_mask", "redraw_mask", "fast_mask")]
+        want = torch.uint8 if store in ("bool", "bits") else torch.float32
+        assert drawn and all(s.dtype == want and low.dtypes[s.out] == want for s in drawn), store
+        muls = [s for s in low.forward + low.backward if s.op in ("mul", "addcmul")]
+        widened = [s for s in muls if widening_time(s, low, PROFILE) > 0]
+        assert bool(widened) == (store in ("bool", "bits")), store
+    # and it runs: the mask drawn in the adapters' dtype is the very mask the byte store draws
+    x = torch.randn(256, 64, dtype=torch.float64)
+    w, a, b = torch.randn(96, 64, dtype=torch.float64), torch.randn(4, 64, dtype=torch.float64), torch.randn(96, 4, dtype=torch.float64)
+    spec64 = SiteSpec(256, 64, 96, (AdapterSpec(4, 2.0, 0.1),), dtype=torch.float64, dropout_rng=dropout_rng)
+    outs = {}
+    for plan in fast_plans(spec64):
+        if plan.program.mask in ("bool", "seed"):
+            torch.manual_seed(1)
+            outs.setdefault(plan.program.mask, run_plan(plan, x, w, None, [(a, b, None)]).detach())
+    torch.testing.assert_close(outs["seed"], outs["bool"], rtol=1e-12, atol=1e-12)

@@ -105,7 +105,7 @@ def run(steps: list[Step], env: dict[str, torch.Tensor], shapes: dict[str, tuple
         elif s.op == "rng_seed":
             out = new_seed(a[0].device)
         elif s.op == "fast_mask":
-            out = fast_mask(a[0], shapes[s.out], (env["G"] if "G" in env else env["x"]).device, s.p)
+            out = fast_mask(a[0], shapes[s.out], (env["G"] if "G" in env else env["x"]).device, s.p, s.dtype)
         elif s.op == "mul":
             out = a[0] * a[1]
         elif s.op == "addcmul":

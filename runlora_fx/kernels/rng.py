@@ -45,12 +45,16 @@ def new_seed(device: torch.device) -> torch.Tensor:
     return torch.empty((), dtype=torch.int64).random_(0, 1 << 32).to(device)
 
 
-def fast_mask(seed: torch.Tensor, shape: tuple[int, ...], device: torch.device, p: float) -> torch.Tensor:
-    """The {0, 1} uint8 keep mask of `shape` for `seed`: 1 with probability 1 - effective_p(p)."""
+def fast_mask(seed: torch.Tensor, shape: tuple[int, ...], device: torch.device, p: float,
+              dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The {0, 1} keep mask of `shape` for `seed` in `dtype`: 1 with probability 1 - effective_p(p). A floating
+    `dtype` is written by the comparison itself (no widening pass), for a mask that only multiplies."""
     n = math.prod(shape)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=gen)
     threshold = round(p * _LEVELS) - _LEVELS // 2  # int16 values are uniform over [-2^15, 2^15)
-    keep = words.view(torch.int16)[:n] >= threshold
-    return keep.view(torch.uint8).view(shape)
+    values = words.view(torch.int16)[:n]
+    if dtype == torch.uint8:
+        return (values >= threshold).view(torch.uint8).view(shape)
+    return torch.ge(values, threshold, out=torch.empty(n, dtype=dtype, device=device)).view(shape)

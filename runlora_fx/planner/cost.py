@@ -115,8 +115,23 @@ def step_time(step: Step, low: Lowered, profile: DeviceProfile) -> float:
         out_dtype = low.dtypes[step.out]
         rate_dtype = out_dtype if out_dtype.is_floating_point else torch.float32
         numel = max(math.prod(low.shapes[n]) for n in (*step.args, step.out))
-        t = profile.elementwise_time(numel, rate_dtype, moved)
+        t = profile.elementwise_time(numel, rate_dtype, moved) + widening_time(step, low, profile)
     return t + step_kernels(step) * profile.launch_overhead
+
+
+def widening_time(step: Step, low: Lowered, profile: DeviceProfile) -> float:
+    """A byte mask multiplying a float tensor is first widened to the float dtype (TensorIterator's copy, the
+    `copy_` of a profile): one more pass over the mask. On one thread here x * uint8 mask took about twice
+    x * float mask, fp32 and bf16 (`python -m benchmarks.profile masks 1024 1376`)."""
+    out = low.dtypes[step.out]
+    if step.op not in ("mul", "addcmul") or not out.is_floating_point:
+        return 0.0
+    t = 0.0
+    for a in step.args:
+        if not low.dtypes[a].is_floating_point:
+            numel = math.prod(low.shapes[a])
+            t += profile.elementwise_time(numel, out, numel * (low.dtypes[a].itemsize + out.itemsize))
+    return t
 
 
 def dataflow(low: Lowered) -> nx.DiGraph:

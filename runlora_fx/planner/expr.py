@@ -425,17 +425,21 @@ class _Lowering:
 
 
 class _Forward(_Lowering):
+    def mask_dtype(self) -> torch.dtype:
+        """One byte per element where forward keeps or packs the mask ("bool", "bits"); otherwise the adapters'
+        dtype, drawn as such at no extra cost, so that multiplying x by it needs no widening copy."""
+        return torch.uint8 if self.p.mask in ("bool", "bits") else self.spec.compute_dtype
+
     def dropout_mask(self, k: int) -> str:
-        """Adapter k's {0, 1} dropout mask, drawn like F.dropout draws its noise (same RNG use, same zeros): one
-        byte per element, or the adapters' dtype for the stock "dense" store."""
+        """Adapter k's {0, 1} dropout mask, drawn like F.dropout draws its noise (same RNG use, same zeros), or
+        from kernels.rng when fast; in `mask_dtype`."""
         p = self.spec.adapters[k].dropout
-        xa = self.xa()
+        xa, dt = self.xa(), self.mask_dtype()
         if self.fast:
             seed = self.emit(Step("rng_seed", f"sd{k}", (xa,)), (), torch.int64)
-            return self.emit(Step("fast_mask", f"md{k}", (seed,), p=p, dtype=torch.uint8), self.shapes[xa], torch.uint8)
+            return self.emit(Step("fast_mask", f"md{k}", (seed,), p=p, dtype=dt), self.shapes[xa], dt)
         if self.p.mask == "seed":
             self.emit(Step("rng_state", f"rng{k}", (xa,)), (RNG_STATE_BYTES,), torch.uint8)
-        dt = self.spec.compute_dtype if self.p.mask == "dense" else torch.uint8
         return self.emit(Step("draw_mask", f"md{k}", (xa,), p=p, dtype=dt), self.shapes[xa], dt)
 
     def xd(self, k: int) -> str:
@@ -543,12 +547,13 @@ class _Backward(_Lowering):
         store = self.p.mask
         if store in ("bool", "dense"):
             return self.keep(fmd)
+        dt = self.fwd.mask_dtype()  # a redrawn mask is used as drawn: in the adapters' dtype
         if store == "seed" and self.fast:
             self.keep(f"sd{k}")
-            return self.emit(Step("fast_mask", name, (f"sd{k}",), p=p, dtype=torch.uint8), shape, torch.uint8)
+            return self.emit(Step("fast_mask", name, (f"sd{k}",), p=p, dtype=dt), shape, dt)
         if store == "seed":
             self.keep(f"rng{k}")
-            return self.emit(Step("redraw_mask", name, (f"rng{k}",), p=p, dtype=torch.uint8), shape, torch.uint8)
+            return self.emit(Step("redraw_mask", name, (f"rng{k}",), p=p, dtype=dt), shape, dt)
         nbytes = -(-math.prod(shape) // 8)
         self.fwd.emit(Step("pack_bits", f"mp{k}", (fmd,)), (nbytes,), torch.uint8)
         self.keep(f"mp{k}")
