@@ -13,7 +13,7 @@ import torch
 
 from .config import OptimizeConfig
 from .passes.match import match_sites
-from .passes.rewrite import rewrite_sites
+from .passes.rewrite import RUNNERS_ATTR, rewrite_sites
 
 last_reports: list[dict] = []
 
@@ -26,5 +26,21 @@ def runlora_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     last_reports.append({"rewritten": count, "skipped": found.skipped + not_rewritten})
     del last_reports[:-16]
     if config.inner == "eager":
-        return gm.forward
-    return torch._dynamo.lookup_backend(config.inner)(gm, example_inputs)
+        return gm.forward  # holds gm, which holds its runners
+    return _owning(torch._dynamo.lookup_backend(config.inner)(gm, example_inputs), gm)
+
+
+def _owning(compiled, gm: torch.fx.GraphModule):
+    """`compiled`, made to keep the rewritten graph's runners alive for as long as dynamo keeps it (the ops'
+    site registry holds them weakly, so they go with the compiled graph)."""
+    runners = getattr(gm, RUNNERS_ATTR, [])
+    try:
+        setattr(compiled, RUNNERS_ATTR, runners)
+        return compiled
+    except AttributeError:  # a callable without attributes: wrap it, keeping dynamo's calling convention
+        def call(*args):
+            return compiled(*args)
+
+        call._boxed_call = getattr(compiled, "_boxed_call", False)
+        setattr(call, RUNNERS_ATTR, runners)
+        return call

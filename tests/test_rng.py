@@ -30,7 +30,7 @@ def test_keep_rate_is_binomial_with_the_effective_probability(p):
     assert abs(rng.effective_p(p) - p) <= 2.0**-17
     torch.manual_seed(0)
     n = 1 << 20
-    mask = rng.fast_mask(rng.new_seed(CPU), (1024, 1024), CPU, p)
+    mask = rng.fast_mask(rng.new_seed(CPU), (1024, 1024), p)
     assert mask.dtype == torch.uint8 and set(mask.unique().tolist()) <= {0, 1}
     keep = 1 - rng.effective_p(p)
     sigma = math.sqrt(n * keep * (1 - keep))
@@ -38,7 +38,7 @@ def test_keep_rate_is_binomial_with_the_effective_probability(p):
 
 
 def test_no_dropout_keeps_everything():
-    assert rng.fast_mask(rng.new_seed(CPU), (5, 7), CPU, 0.0).all()
+    assert rng.fast_mask(rng.new_seed(CPU), (5, 7), 0.0).all()
 
 
 def _identity_site(dim: int, p: float):
@@ -81,7 +81,7 @@ def fast_reference(x, weight, bias, adapters, configs):
     adapter order, each mask scaled by 1 / (1 - p_eff)."""
     result = F.linear(x, weight, bias)
     for (a, b, lb), cfg in zip(adapters, configs):
-        mask = rng.fast_mask(rng.new_seed(x.device), tuple(x.shape), x.device, cfg.dropout).to(x.dtype)
+        mask = rng.fast_mask(rng.new_seed(x.device), tuple(x.shape), cfg.dropout).to(x.dtype)
         xd = x * mask / (1 - rng.effective_p(cfg.dropout))
         result = result + F.linear(F.linear(xd, a), b, lb) * cfg.scale
     return result

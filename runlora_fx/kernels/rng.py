@@ -17,7 +17,8 @@ What it guarantees:
 * the same seed gives the same mask: backward regenerates it from an 8-byte seed instead of saving the mask or
   the 5 KB mt19937 state.
 
-It is not peft's stream: ``dropout_rng="torch"`` (the default) keeps peft's masks bit for bit.
+It is not peft's stream: ``dropout_rng="torch"`` (the default) keeps peft's masks bit for bit. Its step ops
+(``rng_seed``, ``fast_mask``) register in `planner.ops` on import.
 """
 from __future__ import annotations
 
@@ -25,19 +26,10 @@ import math
 
 import torch
 
-RNG_CHOICES = ("torch", "fast")
-THRESHOLD_BITS = 16
-_LEVELS = 1 << THRESHOLD_BITS
+from ..planner.expr import FAST_MASK_LEVELS, effective_p  # noqa: F401 (effective_p: re-exported for callers)
+from ..planner.ops import StepOp, register
+
 SEED_BYTES = 8  # what the "seed" mask store saves per mask when fast
-
-
-def effective_p(p: float) -> float:
-    """The drop probability the fast generator actually uses: p rounded to a multiple of 2^-16.
-
-    >>> effective_p(0.05) == 3277 / 65536
-    True
-    """
-    return round(p * _LEVELS) / _LEVELS
 
 
 def new_seed(device: torch.device) -> torch.Tensor:
@@ -45,16 +37,30 @@ def new_seed(device: torch.device) -> torch.Tensor:
     return torch.empty((), dtype=torch.int64).random_(0, 1 << 32).to(device)
 
 
-def fast_mask(seed: torch.Tensor, shape: tuple[int, ...], device: torch.device, p: float,
-              dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """The {0, 1} keep mask of `shape` for `seed` in `dtype`: 1 with probability 1 - effective_p(p). A floating
-    `dtype` is written by the comparison itself (no widening pass), for a mask that only multiplies."""
-    n = math.prod(shape)
+def fast_mask(seed: torch.Tensor, shape: tuple[int, ...], p: float, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The {0, 1} keep mask of `shape` for `seed`, on the seed's device, in `dtype`: 1 with probability
+    1 - effective_p(p). A floating `dtype` is written by the comparison itself (no widening pass), for a mask that
+    only multiplies."""
+    n, device = math.prod(shape), seed.device
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=gen)
-    threshold = round(p * _LEVELS) - _LEVELS // 2  # int16 values are uniform over [-2^15, 2^15)
+    threshold = round(p * FAST_MASK_LEVELS) - FAST_MASK_LEVELS // 2  # int16 values are uniform over [-2^15, 2^15)
     values = words.view(torch.int16)[:n]
     if dtype == torch.uint8:
         return (values >= threshold).view(torch.uint8).view(shape)
     return torch.ge(values, threshold, out=torch.empty(n, dtype=dtype, device=device)).view(shape)
+
+
+def new_seed_like(x: torch.Tensor) -> torch.Tensor:
+    return new_seed(x.device)
+
+
+register(StepOp(  # a fast mask's seed, from the global generator (one value per mask)
+    "rng_seed", formula=lambda s: f"seed for the mask of {s.args[0]}",
+    emit=lambda em, s, a: em.call(new_seed_like, a[0]), reads=False, pricing="bandwidth"))
+
+register(StepOp(  # the {0, 1} mask of a seed in `dtype`
+    "fast_mask", formula=lambda s: f"fast_mask(1-{s.p:g}) from {s.args[0]}",
+    emit=lambda em, s, a: em.call(fast_mask, a[0], em.shapes[s.out], s.p, s.dtype),
+    reads=False, pricing="throughput", rate="fast_rng_rate"))

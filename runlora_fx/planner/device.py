@@ -302,6 +302,17 @@ def _dequantize_rate(device: torch.device, budget: float) -> float | None:
     return w.numel() / _time(lambda: bnbf.dequantize_4bit(packed, state), device, budget)
 
 
+def _fast_draw(like: torch.Tensor):
+    """The fast generator's draw of a mask like `like` (seed, then mask), as a Plan runs it: through the step-op
+    registry (`kernels.rng` registers the ops), so the planner measures what it prices."""
+    from .expr import Step
+    from .graphs import steps_graph
+
+    steps = [Step("rng_seed", "sd", ("x",)), Step("fast_mask", "md", ("sd",), p=0.05, dtype=torch.uint8)]
+    graph = steps_graph(steps, ["x"], {"x": tuple(like.shape), "sd": (), "md": tuple(like.shape)})
+    return lambda: graph(like)
+
+
 def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.bfloat16), *, save: bool = True,
               seconds: float = 6.0) -> DeviceProfile:
     """Measure matmul rates on LoRA's shapes, elementwise rates, bandwidth, launch overhead, the RNG rates and
@@ -324,10 +335,7 @@ def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.b
     dequantize_rate = _dequantize_rate(device, per) or default_profile(device).dequantize_rate
     noise = torch.empty(1024 * 1024, device=device)
     rng_rate = noise.numel() / _time(lambda: noise.bernoulli_(0.95), device, per)
-    from ..kernels.rng import fast_mask, new_seed
-
-    seed = new_seed(device)
-    fast_rng_rate = noise.numel() / _time(lambda: fast_mask(seed, tuple(noise.shape), device, 0.05), device, per)
+    fast_rng_rate = noise.numel() / _time(_fast_draw(noise), device, per)
     profile = DeviceProfile(device_key(device), rates, bandwidth, overhead, measured=True,
                             meta={"torch": torch.__version__, "threads": torch.get_num_threads(), "when": time.time(),
                                   "format": PROFILE_FORMAT},
