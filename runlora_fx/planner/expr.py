@@ -29,7 +29,8 @@ MaskStore = Literal["bool", "bits", "seed", "dense", "none"]
 
 # How a dropout mask crosses to backward. The mask itself is always {0, 1}: the 1/(1-p) that torch's dropout puts
 # into its noise is folded into the adapter's scale (`_Lowering.scale`), which costs no pass at all.
-#   bool: one byte per element (uint8), drawn that way, so keeping it costs nothing extra
+#   bool: one byte per element (uint8), drawn that way, so keeping it costs nothing extra (but multiplying x by a
+#         byte mask widens it first: cost.widening_time; masks not kept as bytes are drawn in the adapters' dtype)
 #   bits: 8 elements per byte, packed in forward and unpacked in backward
 #   seed: the generator state before the draw (torch), or the mask's 8-byte seed (dropout_rng="fast"); backward
 #         draws the same mask again
