@@ -17,10 +17,6 @@ from typing import Any, Sequence
 
 import torch
 
-# (A, B, lora bias or None) of one adapter, as runners take them
-AdapterTensors = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
-
-
 @dataclass(frozen=True)
 class SiteSignature:
     """The layout of one site's inputs: whether it has a base bias, a lora bias per adapter, a 4-bit base."""
