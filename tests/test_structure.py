@@ -159,3 +159,21 @@ def test_compiled_graph_frees_its_runners():
     torch._dynamo.reset()
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_plans_share_graphs_across_n_unless_the_code_bakes_in_a_shape():
+    """Steps do not depend on N, so one site's plans at many N share their graphs -- except where the code holds
+    a shape (unpacking a bit-packed mask needs the mask's shape)."""
+    from runlora_fx.planner.expr import Program, build_steps
+    from runlora_fx.planner.graphs import backward_graph, forward_graph
+
+    def lows(program, n):
+        spec = SiteSpec(n, 12, 10, (AdapterSpec(4, dropout=0.2),), grad_x=True)
+        return build_steps(spec, program)
+
+    plain, bits = Program(mask="bool"), Program(mask="bits", keep_xd=False)
+    assert forward_graph(lows(plain, 5)) is forward_graph(lows(plain, 7))
+    assert backward_graph(lows(plain, 5)) is backward_graph(lows(plain, 7))
+    assert backward_graph(lows(bits, 5)) is not backward_graph(lows(bits, 7))
+    assert backward_graph(lows(bits, 5)) is backward_graph(lows(bits, 5))
+    assert "(5, 12)" in backward_graph(lows(bits, 5)).code

@@ -94,7 +94,7 @@ def _constants(runner: LoraLinearRunner, plan) -> tuple:
 def site_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], adapters: list[torch.Tensor],
                  site: int, layout: str, grads: list[bool], training: bool) -> list[torch.Tensor]:
     runner, plan = _planned(site, x.shape[0], weight, bias, adapters, grads, training, layout, x.device)
-    tensors = [x, weight] + ([bias] if bias is not None else []) + list(adapters)  # SiteSignature order
+    tensors = plan.lowered.signature.join(x, weight, bias, adapters)
     y, *saved = plan.forward_graph.forward(*tensors, *_constants(runner, plan))
     return [y] + [t for n, t in zip(_names(layout), saved) if n != "x"]
 
@@ -113,7 +113,7 @@ def site_backward(grad: torch.Tensor, saved: list[torch.Tensor], weight: torch.T
                   adapters: list[torch.Tensor], site: int, layout: str, grads: list[bool],
                   training: bool) -> list[torch.Tensor]:
     runner, plan = _planned(site, grad.shape[0], weight, bias, adapters, grads, training, layout, grad.device)
-    params = [weight] + ([bias] if bias is not None else []) + list(adapters)  # SiteSignature.parameters order
+    params = plan.lowered.signature.join(None, weight, bias, adapters)[1:]
     out = plan.backward_graph.forward(*saved, *params, *_constants(runner, plan), grad.contiguous())
     return [g for g, flag in zip(out, grads) if flag]
 
@@ -140,8 +140,8 @@ def _backward(ctx, grad_outputs):
     weight, bias, *rest = ctx.saved_tensors
     adapters, saved = rest[:n_adapters], rest[n_adapters:]
     out = iter(site_backward(grad_outputs[0], saved, weight, bias, adapters, site, layout, grads, training))
-    dx, _, *rest = [next(out) if flag else None for flag in grads]  # one per tensor, in SiteSignature order
-    db, dadapters = (rest[0], rest[1:]) if has_bias else (None, rest)
+    full = [next(out) if flag else None for flag in grads]  # one per tensor, in SiteSignature order
+    dx, _, db, dadapters = _runner(site).configured_signature(has_bias).split(full)
     return dx, None, db, dadapters, None, None, None, None
 
 

@@ -4,7 +4,7 @@ QLoRA keeps the frozen base weight as 4-bit codes (nf4 or fp4) with one absmax p
 under double quantization (`compress_statistics`). bitsandbytes' `Linear4bit` casts x to its compute dtype,
 dequantizes the whole weight, multiplies, and casts the result back; its backward dequantizes again for dX. The
 planner treats that dequantized weight like any other intermediate (`Program.keep_deq`: keep it from forward, or
-dequantize again), so the same executor and the same custom autograd node run dense and 4-bit sites.
+dequantize again), so the same lowering, generated code and custom autograd node run dense and 4-bit sites.
 
 The dequantize step (`kernels.bnb`) reproduces bitsandbytes' own `gemm_4bit` dequantization bit for bit, so a
 planned site computes exactly what the stock layer does. The packed weight stays a parameter; the only

@@ -17,10 +17,6 @@ from typing import Any, Sequence
 
 import torch
 
-# (A, B, lora bias or None) of one adapter, as runners take them
-AdapterTensors = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
-
-
 @dataclass(frozen=True)
 class SiteSignature:
     """The layout of one site's inputs: whether it has a base bias, a lora bias per adapter, a 4-bit base."""
@@ -71,7 +67,11 @@ class SiteSignature:
     # -- flatten / unflatten ------------------------------------------------------------------------------------
     def flatten(self, x: Any, weight: Any, bias: Any, adapters: Sequence[Sequence[Any]]) -> list:
         """x, W, b?, then each adapter's A, B, lb? (in `names` order)."""
-        return [x, weight] + ([bias] if self.bias else []) + self.flatten_adapters(adapters)
+        return self.join(x, weight, bias, self.flatten_adapters(adapters))
+
+    def join(self, x: Any, weight: Any, bias: Any, flat_adapters: Sequence[Any]) -> list:
+        """The whole list from the base tensors and the adapters' part already flat (as the custom ops get it)."""
+        return [x, weight] + ([bias] if self.bias else []) + list(flat_adapters)
 
     def flatten_adapters(self, adapters: Sequence[Sequence[Any]]) -> list:
         """The adapters' part of the list: A_k, B_k, lb_k? per adapter."""
@@ -81,6 +81,11 @@ class SiteSignature:
         for (a, b, lb), has_lb in zip(adapters, self.lora_biases):
             flat += [a, b] + ([lb] if has_lb else [])
         return flat
+
+    def split(self, flat: Sequence[Any]) -> tuple[Any, Any, Any, list]:
+        """(x, W, b or None, the adapters' part) from the whole list: the inverse of `join`."""
+        k = 3 if self.bias else 2
+        return flat[0], flat[1], (flat[2] if self.bias else None), list(flat[k:])
 
     def unflatten_adapters(self, flat: Sequence[Any]) -> list[tuple]:
         """(A, B, lb or None) per adapter from the adapters' part of the list."""
