@@ -297,10 +297,24 @@ def _prune_(state: torch.Tensor, mode: str, ratio: float, generator: torch.Gener
         state.masked_fill_(mask.view(state.shape).to(state.device), 0)
 
 
+def _state_tensors(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]
+                   ) -> list[tuple[dict, str, torch.Tensor]]:
+    """(state, key, tensor) for every floating-point, non-scalar state tensor of `params` (step counters, other
+    scalars and integer state are not listed); ValueError if a tensor is not in the optimizer."""
+    params = list(params)
+    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = sum(id(p) not in known for p in params)
+    if missing:
+        raise ValueError(f"params: {missing} of {len(params)} tensors are not in the optimizer's param_groups")
+    return [(state, key, value) for p in params for state in [optimizer.state.get(p, {})]
+            for key, value in state.items()
+            if key != "step" and torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0]
+
+
 @torch.no_grad()
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor],
                           mode: str = "magnitude", ratio: float | None = None, *,
-                          generator: torch.Generator | None = None) -> int:
+                          generator: torch.Generator | None = None, pair_moments: bool = False) -> int:
     """Prune the optimizer state of `params` in place; return how many state tensors were pruned.
 
     Every floating-point state tensor of each parameter is pruned on its own (Adam's two moments, factored
@@ -308,6 +322,10 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
     |value| (ties at the threshold go too), `random` zeroes that many entries drawn at random, `zero` zeroes all.
     Scalars are left alone, and so are step counters (the bias corrections of Adam keep counting). Default ratio:
     0.9 for magnitude and 0.999 for random, as in the paper.
+
+    `pair_moments=True` then also zeroes Adam's first moment (`exp_avg`) wherever its denominator (`exp_avg_sq`,
+    and `max_exp_avg_sq` with amsgrad) is zero. Pruned on their own, the two moments leave entries with m != 0
+    and v = 0, and Adam steps those by about lr * m / (sqrt((1 - beta2) g^2) + eps): unbounded as g -> 0.
     """
     if mode not in RESET_MODES:
         raise ValueError(f"mode: must be one of {RESET_MODES}, got {mode!r}")
@@ -318,18 +336,22 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
     if mode == "zero" and ratio != 1.0:
         raise ValueError(f"ratio: mode='zero' zeroes the whole state; leave ratio unset (got {ratio!r})")
     params = list(params)
-    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = sum(id(p) not in known for p in params)
-    if missing:
-        raise ValueError(f"params: {missing} of {len(params)} tensors are not in the optimizer's param_groups")
-    pruned = 0
-    for p in params:
-        for key, value in optimizer.state.get(p, {}).items():
-            if key == "step" or not torch.is_tensor(value) or not value.is_floating_point() or value.dim() == 0:
-                continue
-            _prune_(value, mode, float(ratio), generator)
-            pruned += 1
-    return pruned
+    tensors = _state_tensors(optimizer, params)
+    for _, _, value in tensors:
+        _prune_(value, mode, float(ratio), generator)
+    if pair_moments:
+        for p in params:
+            _pair_moments_(optimizer.state.get(p, {}))
+    return len(tensors)
+
+
+def _pair_moments_(state: dict) -> None:
+    """Zero Adam's first moment where no second moment is left to divide it by."""
+    m = state.get("exp_avg")
+    denominators = [state[k] for k in ("exp_avg_sq", "max_exp_avg_sq")
+                    if torch.is_tensor(m) and torch.is_tensor(state.get(k)) and state[k].shape == m.shape]
+    if denominators:
+        m.masked_fill_(functools.reduce(torch.logical_and, [v == 0 for v in denominators]), 0)
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -425,12 +447,18 @@ class ReLoRA:
             return []
         merged = merge_and_reinit(self.model, sites=self.sites, generator=self.generator)
         if self.reset is not None:
-            # The restarted tensors (a kept LoRA bias goes on training, so its state stays) that the optimizer has.
+            # The restarted tensors that the optimizer has (a kept LoRA bias goes on training, so its state stays).
             known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-            restarted = [t for site in merged for ad in site.adapters
-                         for t in (ad.lora_a, ad.lora_b, ad.lora_bias if site.bias is not None else None)
-                         if t is not None and id(t) in known]
-            reset_optimizer_state(self.optimizer, restarted, self.reset, self.reset_ratio, generator=self.generator)
+            redrawn = [ad.lora_a for site in merged for ad in site.adapters if id(ad.lora_a) in known]
+            zeroed = [t for site in merged for ad in site.adapters
+                      for t in (ad.lora_b, ad.lora_bias if site.bias is not None else None)
+                      if t is not None and id(t) in known]
+            # A re-drawn A is a new matrix: no history of the old one may move it (its gradient is 0 right after
+            # the merge, so a kept m with a pruned v would step it by lr * m / eps). B keeps the paper's pruning,
+            # with no first moment left where its second moment was pruned.
+            reset_optimizer_state(self.optimizer, redrawn, "zero")
+            reset_optimizer_state(self.optimizer, zeroed, self.reset, self.reset_ratio, generator=self.generator,
+                                  pair_moments=True)
         self.merges += 1
         self._last_merge_step = global_step
         return merged
