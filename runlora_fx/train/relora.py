@@ -25,6 +25,7 @@ __all__ = [
     "RESET_MODES",
     "ReLoRA",
     "ReLoRACallback",
+    "default_restart_warmup",
     "find_peft_lora_params",
     "jagged_cosine_schedule",
     "merge_and_reinit",
@@ -369,15 +370,28 @@ def _jagged_cosine(step: int, total_steps: int, warmup_steps: int, cycle_length:
     return value
 
 
+def default_restart_warmup(cycle_length: int) -> int:
+    """The restart warmup used when none is given: 10% of the cycle and at least 20 steps (never above the cycle).
+
+    The authors re-warm over 100 steps for cycles of 1000-5000 (the paper: 50-100). A 4-step re-warmup was too
+    short: the pruned state's first steps at nearly the full lr raised the loss after every restart.
+    """
+    return min(cycle_length, max(20, math.ceil(cycle_length / 10)))
+
+
 def jagged_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                           cycle_length: int, restart_warmup_steps: int, min_lr_ratio: float = 0.1) -> LambdaLR:
+                           cycle_length: int, restart_warmup_steps: int | None = None,
+                           min_lr_ratio: float = 0.1) -> LambdaLR:
     """Cosine decay with a linear warmup, dropped to zero and re-warmed at every restart (the paper's schedule).
 
     The multiplier rises linearly to 1 over `warmup_steps`, then follows a cosine from 1 to `min_lr_ratio` at
     `total_steps`; at every multiple of `cycle_length` it falls to 0 and climbs back to the cosine over
-    `restart_warmup_steps`, so the fresh adapters and pruned optimizer state start with small steps.
-    Set `cycle_length` to ReLoRA's `merge_every`.
+    `restart_warmup_steps` (default: `default_restart_warmup(cycle_length)`), so the fresh adapters and pruned
+    optimizer state start with small steps. Set `cycle_length` to ReLoRA's `merge_every`.
     """
+    if restart_warmup_steps is None and isinstance(cycle_length, int) and not isinstance(cycle_length, bool) \
+            and cycle_length >= 1:
+        restart_warmup_steps = default_restart_warmup(cycle_length)
     def check(name: str, value: Any, low: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: must be an int >= {low}, got {value!r}")
