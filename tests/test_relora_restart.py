@@ -151,3 +151,55 @@ def test_pair_moments_leaves_no_first_moment_without_a_denominator(amsgrad):
     assert torch.count_nonzero(state["exp_avg"][denominator == 0]) == 0
     kept = (denominator != 0) & (m_before.abs() > m_before.abs().flatten().kthvalue(540).values)
     assert kept.any() and torch.equal(state["exp_avg"][kept], m_before[kept])  # m kept where v is
+
+
+# ----------------------------------------------------------------------------------------------- restart warmup
+
+
+def test_default_restart_warmup_is_a_tenth_of_the_cycle_and_at_least_20_steps():
+    from runlora_fx.train.relora import default_restart_warmup
+
+    assert [default_restart_warmup(c) for c in (5, 20, 100, 200, 201, 5000)] == [5, 20, 20, 20, 21, 500]
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    f = jagged_cosine_schedule(opt, total_steps=600, warmup_steps=20, cycle_length=200).lr_lambdas[0]
+    assert f(200) == 0 and f(210) == pytest.approx(f.keywords["multiplier"](210) / 2) and f(220) > f(219)
+
+
+def test_trainer_callback_rewarms_the_trainers_own_schedule(tmp_path):
+    """Without a jagged schedule of ours the Trainer would run every restart at the full lr: the callback adds the
+    restarts (lr 0 after the merge, then the default re-warmup) to the Trainer's linear schedule."""
+    from runlora_fx.train import ReLoRACallback
+
+    model = llama()
+    ids = markov_batches(1, batch=8)[0]
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    lrs = []
+
+    class Record(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+    relora = ReLoRACallback(merge_every=3)
+    assert relora.restart_warmup_steps == 3  # max(20, 10%) but never above the cycle
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=1,
+                                          learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=0,
+                                          report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                                          disable_tqdm=True, dataloader_num_workers=0)
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[relora, Record()]).train()
+    linear = [1e-3 * (6 - t) / 6 for t in range(6)]
+    ramp = [1, 1, 1, 0, 1 / 3, 2 / 3]
+    assert lrs == pytest.approx([a * b for a, b in zip(linear, ramp)])
+    assert relora.relora.merges == 2
+    with pytest.raises(ValueError, match="restart_warmup_steps"):
+        ReLoRACallback(merge_every=3, restart_warmup_steps=4)
+
+
+def test_trainer_callback_warns_when_the_jagged_cycle_is_not_the_merge_cycle():
+    from runlora_fx.train import ReLoRACallback
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = jagged_cosine_schedule(opt, total_steps=100, warmup_steps=5, cycle_length=50)
+    f = schedule.lr_lambdas[0]
+    with pytest.warns(UserWarning, match="cycle_length 50"):
+        ReLoRACallback(merge_every=40).on_train_begin(None, None, None, lr_scheduler=schedule)
+    assert schedule.lr_lambdas[0] is f  # left as it is

@@ -358,12 +358,16 @@ def _pair_moments_(state: dict) -> None:
 # ----------------------------------------------------------------------------------------------- schedule
 
 
-def _jagged_cosine(step: int, total_steps: int, warmup_steps: int, cycle_length: int, restart_warmup_steps: int,
-                   min_lr_ratio: float) -> float:
+def _cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
     if step < warmup_steps:
         return step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    value = min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _rewarmed(step: int, multiplier: Any, cycle_length: int, restart_warmup_steps: int) -> float:
+    """`multiplier(step)`, dropped to 0 at every multiple of `cycle_length` and ramped back over the warmup."""
+    value = multiplier(step)
     since_restart = step % cycle_length
     if step >= cycle_length and since_restart < restart_warmup_steps:
         value *= since_restart / restart_warmup_steps
@@ -409,9 +413,12 @@ def jagged_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, w
                          f"got {restart_warmup_steps}")
     if not (isinstance(min_lr_ratio, (int, float)) and 0.0 <= min_lr_ratio <= 1.0):
         raise ValueError(f"min_lr_ratio: must be a number in [0, 1], got {min_lr_ratio!r}")
-    return LambdaLR(optimizer, functools.partial(
-        _jagged_cosine, total_steps=total_steps, warmup_steps=warmup_steps, cycle_length=cycle_length,
-        restart_warmup_steps=restart_warmup_steps, min_lr_ratio=float(min_lr_ratio)))
+    cosine = functools.partial(_cosine, total_steps=total_steps, warmup_steps=warmup_steps,
+                               min_lr_ratio=float(min_lr_ratio))
+    schedule = LambdaLR(optimizer, functools.partial(_rewarmed, multiplier=cosine, cycle_length=cycle_length,
+                                                     restart_warmup_steps=restart_warmup_steps))
+    schedule.relora_restarts = (cycle_length, restart_warmup_steps)  # so that ReLoRACallback leaves it as it is
+    return schedule
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -485,19 +492,46 @@ def _callback_class() -> type:
     class ReLoRACallback(TrainerCallback):
         """ReLoRA inside a transformers `Trainer`: merges after every `merge_every`-th optimizer step.
 
-        Uses the Trainer's own model and optimizer (built on the first step). The Trainer steps its own scheduler:
-        pass `optimizers=(optimizer, jagged_cosine_schedule(optimizer, ..., cycle_length=merge_every, ...))`.
-        Other arguments as in `ReLoRA`.
+        Uses the Trainer's own model and optimizer (built on the first step). The Trainer steps its own scheduler.
+        A `jagged_cosine_schedule` (pass `optimizers=(optimizer, schedule)`, `cycle_length=merge_every`) is used
+        as it is. Any other `LambdaLR` (the Trainer's own linear or cosine schedules are) gets the restarts added
+        at the start of training: the lr drops to 0 after each merge and climbs back over
+        `restart_warmup_steps` (default `default_restart_warmup(merge_every)`). Other arguments as in `ReLoRA`.
         """
 
         def __init__(self, merge_every: int, reset: str | None = "magnitude", reset_ratio: float | None = None,
-                     *, sites: Sequence[LoraParams] | None = None, example_inputs: Any = None,
-                     generator: torch.Generator | None = None) -> None:
+                     *, restart_warmup_steps: int | None = None, sites: Sequence[LoraParams] | None = None,
+                     example_inputs: Any = None, generator: torch.Generator | None = None) -> None:
             if isinstance(merge_every, bool) or not isinstance(merge_every, int) or merge_every < 1:
                 raise ValueError(f"merge_every: must be an int >= 1, got {merge_every!r}")
+            if restart_warmup_steps is None:
+                restart_warmup_steps = default_restart_warmup(merge_every)
+            if isinstance(restart_warmup_steps, bool) or not isinstance(restart_warmup_steps, int) \
+                    or not 0 <= restart_warmup_steps <= merge_every:
+                raise ValueError(f"restart_warmup_steps: must be an int in [0, merge_every={merge_every}], "
+                                 f"got {restart_warmup_steps!r}")
+            self.restart_warmup_steps = restart_warmup_steps
             self._kwargs = dict(merge_every=merge_every, reset=reset, reset_ratio=reset_ratio, sites=sites,
                                 example_inputs=example_inputs, generator=generator)
             self.relora: ReLoRA | None = None
+
+        def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+            schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+            every = self._kwargs["merge_every"]
+            restarts = getattr(schedule, "relora_restarts", None)
+            if restarts is not None:
+                if restarts[0] != every:
+                    warnings.warn(f"lr_scheduler: its cycle_length {restarts[0]} is not merge_every={every}, so "
+                                  "its restarts do not follow the merges", stacklevel=2)
+            elif isinstance(schedule, LambdaLR):
+                schedule.lr_lambdas = [functools.partial(_rewarmed, multiplier=f, cycle_length=every,
+                                                         restart_warmup_steps=self.restart_warmup_steps)
+                                       for f in schedule.lr_lambdas]
+                schedule.relora_restarts = (every, self.restart_warmup_steps)
+            elif schedule is not None:
+                warnings.warn(f"lr_scheduler: a {type(schedule).__name__} is not a LambdaLR, so the lr is not "
+                              "re-warmed after merges; pass a jagged_cosine_schedule", stacklevel=2)
+            return control
 
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
             if self.relora is None:
