@@ -4,6 +4,12 @@ Every `merge_every` steps each adapter is folded into its base weight (`W += s *
 re-drawn, B zero), most of the adapters' optimizer state is pruned, and the learning rate re-warms from zero.
 Each cycle adds one rank-r update to W, so the sum of the cycles reaches a rank that one adapter cannot.
 
+Right after a merge B = 0, so A's gradient is exactly 0. Pruning Adam's two moments on their own leaves entries
+with m != 0 and v = 0, which Adam then steps by lr * m / eps: a re-drawn A went from its kaiming bound to hundreds
+within 5 steps at the full lr. So the driver zeroes a re-drawn A's state (the history of a matrix that no longer
+exists) and prunes B's as the paper does, then zeroes B's first moment wherever its second moment is gone: every
+post-merge step stays an ordinary optimizer step, whatever the restart warmup.
+
 Everything here works on the real tensors of a site (`LoraParams`), in place: parameters keep their identity, so
 optimizers, `optimize()`-patched modules and compiled graphs keep working after a merge without recompiling.
 """
@@ -298,17 +304,14 @@ def _prune_(state: torch.Tensor, mode: str, ratio: float, generator: torch.Gener
         state.masked_fill_(mask.view(state.shape).to(state.device), 0)
 
 
-def _state_tensors(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]
-                   ) -> list[tuple[dict, str, torch.Tensor]]:
-    """(state, key, tensor) for every floating-point, non-scalar state tensor of `params` (step counters, other
-    scalars and integer state are not listed); ValueError if a tensor is not in the optimizer."""
-    params = list(params)
+def _state_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every floating-point, non-scalar state tensor of `params` (not step counters, other scalars or integer
+    state); ValueError if a tensor is not in the optimizer."""
     known = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = sum(id(p) not in known for p in params)
     if missing:
         raise ValueError(f"params: {missing} of {len(params)} tensors are not in the optimizer's param_groups")
-    return [(state, key, value) for p in params for state in [optimizer.state.get(p, {})]
-            for key, value in state.items()
+    return [value for p in params for key, value in optimizer.state.get(p, {}).items()
             if key != "step" and torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0]
 
 
@@ -338,7 +341,7 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
         raise ValueError(f"ratio: mode='zero' zeroes the whole state; leave ratio unset (got {ratio!r})")
     params = list(params)
     tensors = _state_tensors(optimizer, params)
-    for _, _, value in tensors:
+    for value in tensors:
         _prune_(value, mode, float(ratio), generator)
     if pair_moments:
         for p in params:
@@ -393,9 +396,6 @@ def jagged_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, w
     `restart_warmup_steps` (default: `default_restart_warmup(cycle_length)`), so the fresh adapters and pruned
     optimizer state start with small steps. Set `cycle_length` to ReLoRA's `merge_every`.
     """
-    if restart_warmup_steps is None and isinstance(cycle_length, int) and not isinstance(cycle_length, bool) \
-            and cycle_length >= 1:
-        restart_warmup_steps = default_restart_warmup(cycle_length)
     def check(name: str, value: Any, low: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: must be an int >= {low}, got {value!r}")
@@ -403,6 +403,8 @@ def jagged_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, w
     check("total_steps", total_steps, 1)
     check("warmup_steps", warmup_steps, 0)
     check("cycle_length", cycle_length, 1)
+    if restart_warmup_steps is None:
+        restart_warmup_steps = default_restart_warmup(cycle_length)
     check("restart_warmup_steps", restart_warmup_steps, 0)
     if warmup_steps >= total_steps:
         raise ValueError(f"warmup_steps: must be below total_steps={total_steps}, got {warmup_steps}")
@@ -429,8 +431,9 @@ class ReLoRA:
 
     `global_step` counts the optimizer steps done so far (HF Trainer's `state.global_step`); a merge happens
     when it is a positive multiple of `merge_every`, at most once per step value. `reset` is the optimizer-state
-    pruning mode (None keeps the state), `reset_ratio` its ratio (paper defaults when None). Only the adapters'
-    state is pruned: parameters trained full-rank (norms, embeddings) keep theirs. If `scheduler` is given,
+    pruning mode for B (None keeps all state), `reset_ratio` its ratio (paper defaults when None); with a reset,
+    a re-drawn A's state is zeroed and B keeps no first moment without a second one (module docstring). Only the
+    adapters' state is touched: parameters trained full-rank (norms, embeddings) keep theirs. If `scheduler` is given,
     `.step()` also steps it, so a hand-written loop calls just `optimizer.step(); relora.step(step)`.
 
     Sites: `sites` if given, else the graph matcher on `example_inputs` (both fixed once), else the peft layers
@@ -471,14 +474,12 @@ class ReLoRA:
             # The restarted tensors that the optimizer has (a kept LoRA bias goes on training, so its state stays).
             known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
             redrawn = [ad.lora_a for site in merged for ad in site.adapters if id(ad.lora_a) in known]
-            zeroed = [t for site in merged for ad in site.adapters
-                      for t in (ad.lora_b, ad.lora_bias if site.bias is not None else None)
-                      if t is not None and id(t) in known]
-            # A re-drawn A is a new matrix: no history of the old one may move it (its gradient is 0 right after
-            # the merge, so a kept m with a pruned v would step it by lr * m / eps). B keeps the paper's pruning,
-            # with no first moment left where its second moment was pruned.
+            from_zero = [t for site in merged for ad in site.adapters
+                         for t in (ad.lora_b, ad.lora_bias if site.bias is not None else None)
+                         if t is not None and id(t) in known]
+            # A re-drawn A is a new matrix: no history of the old one may move it (module docstring).
             reset_optimizer_state(self.optimizer, redrawn, "zero")
-            reset_optimizer_state(self.optimizer, zeroed, self.reset, self.reset_ratio, generator=self.generator,
+            reset_optimizer_state(self.optimizer, from_zero, self.reset, self.reset_ratio, generator=self.generator,
                                   pair_moments=True)
         self.merges += 1
         self._last_merge_step = global_step
