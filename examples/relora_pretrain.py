@@ -151,7 +151,7 @@ def train(run: str, model: nn.Module, first_step: int, last_step: int, schedule_
     return final, trainable, relora.merges if relora else 0, rank, snapshot
 
 
-def plot(log: list, results: dict, args, merges: list[int], path: Path) -> None:
+def plot(log: list, args, merges: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,6 +164,8 @@ def plot(log: list, results: dict, args, merges: list[int], path: Path) -> None:
             points = [r for r in log if r["run"] == run and r["lr"] == lr]
             if not points:
                 continue
+            if run in ("warm+lora", "relora"):  # they start from the full run's model at the end of the warm start
+                points += [r for r in log if (r["run"], r["lr"], r["step"]) == ("full", lr, args.warm)]
             steps = sorted({r["step"] for r in points})
             per_step = [[r["held_out_loss"] for r in points if r["step"] == s] for s in steps]
             line, = ax.plot(steps, [sum(v) / len(v) for v in per_step], label=run)
@@ -172,7 +174,7 @@ def plot(log: list, results: dict, args, merges: list[int], path: Path) -> None:
         for m in merges:
             ax.axvline(m, color="gray", lw=0.6, ls="--")
         ax.axvline(args.warm, color="black", lw=0.8, ls=":")
-        ax.set_title(f"lr {lr:g} (mean of seeds {args.seeds}; band: min-max)")
+        ax.set_title(f"lr {lr:g} (mean of seeds {args.seeds}; band: min to max)")
         ax.set_xlabel("step (warm start included)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out loss (nats/byte)")
@@ -180,7 +182,7 @@ def plot(log: list, results: dict, args, merges: list[int], path: Path) -> None:
     top = max(r["held_out_loss"] for r in log if r["step"] >= args.warm)
     axes[0][0].set_ylim(min(r["held_out_loss"] for r in log) - 0.05, top + 0.05)
     fig.suptitle(f"byte-level LLaMA, hidden {args.hidden}, {args.layers} layers, rank {args.rank}; "
-                 f"dashed: ReLoRA merges, dotted: end of the warm start")
+                 f"dashed: ReLoRA merges, dotted: end of the warm start", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -210,7 +212,12 @@ def main() -> None:
                         help="ReLoRA's optimizer-state reset (the paper: magnitude pruning of 90%%)")
     parser.add_argument("--json", type=Path, help="write every logged point and the results here")
     parser.add_argument("--plot", type=Path, help="write the held-out curves here (PNG)")
+    parser.add_argument("--report", type=Path, help="train nothing: print the tables (and --plot) of a --json "
+                        "file written with the same settings")
     args = parser.parse_args()
+    if args.report:
+        report(*load(args.report), args)
+        return
     runs = args.runs.split(",")
     if unknown := set(runs) - set(RUNS):
         parser.error(f"--runs: unknown {sorted(unknown)}")
@@ -264,25 +271,52 @@ def main() -> None:
             if args.json:  # after every configuration, so that a cut-short run keeps what it did
                 _write_json(args, log, results)
 
-    print(f"\nheld-out loss (nats/byte) at step {args.steps} on {args.final_eval_batches} x {args.batch} x {args.seq}"
+    print(f"\n{time.perf_counter() - started:.0f}s wall, {time.process_time() / 60:.1f} CPU-minutes in all")
+    if args.json:
+        _write_json(args, log, results)
+    report(log, results, args)
+
+
+def report(log: list, results: dict, args) -> None:
+    """The final table (mean over seeds, +- half the range, each seed), the curves at the merges, and the plot."""
+    lrs, seeds = sorted({k[1] for k in results}), sorted({k[2] for k in results})
+    cycle = (args.steps - args.warm) // args.cycles
+    merges = [args.warm + cycle * k for k in range(1, args.cycles)]
+    restart_warmup = default_restart_warmup(cycle) if args.restart_warmup is None else args.restart_warmup
+    print(f"held-out loss (nats/byte) at step {args.steps} on {args.final_eval_batches} x {args.batch} x {args.seq}"
           f" held-out bytes; warm start {args.warm}, {args.cycles} ReLoRA cycles of {cycle}, restart warmup "
-          f"{restart_warmup}; {time.perf_counter() - started:.0f}s in all")
+          f"{restart_warmup}")
     print(f"{'lr':>6} {'run':<10} {'mean':>7} {'+-':>6}  per seed{'':<12} {'trainable':>9} {'merges':>6} "
           f"{'update rank':>11}")
     for lr in lrs:
         for run in RUNS:
             rows = [results[(run, lr, s)] for s in seeds if (run, lr, s) in results]
-            if not rows:
-                continue
-            losses = [r[0] for r in rows]
-            mean, spread = sum(losses) / len(losses), (max(losses) - min(losses)) / 2
-            print(f"{lr:6g} {run:<10} {mean:7.4f} {spread:6.4f}  {' / '.join(f'{x:.4f}' for x in losses):<20} "
-                  f"{rows[0][1] / 1e6:8.2f}M {rows[0][2]:6d} {rows[0][3]:11.1f}")
-    if args.json:
-        _write_json(args, log, results)
+            if rows:
+                losses = [r[0] for r in rows]
+                mean, spread = sum(losses) / len(losses), (max(losses) - min(losses)) / 2
+                print(f"{lr:6g} {run:<10} {mean:7.4f} {spread:6.4f}  {' / '.join(f'{x:.4f}' for x in losses):<20} "
+                      f"{rows[0][1] / 1e6:8.2f}M {rows[0][2]:6d} {rows[0][3]:11.1f}")
+    marks = sorted({m + d for m in merges for d in (0, args.eval_every)} | {args.steps})
+    print(f"\nheld-out loss along the way ({args.eval_batches} batches, mean over seeds), at the merges "
+          f"{merges} and {args.eval_every} steps after:")
+    print(f"{'lr':>6} {'run':<10} " + " ".join(f"{m:>6d}" for m in marks))
+    for lr in lrs:
+        for run in RUNS:
+            row = []
+            for m in marks:
+                values = [r["held_out_loss"] for r in log if (r["run"], r["lr"], r["step"]) == (run, lr, m)]
+                row.append(f"{sum(values) / len(values):6.3f}" if values else f"{'':>6}")
+            print(f"{lr:6g} {run:<10} " + " ".join(row))
     if args.plot:
-        plot(log, results, args, merges, args.plot)
+        plot(log, args, merges, args.plot)
         print(f"plot: {args.plot}")
+
+
+def load(path: Path) -> tuple[list, dict]:
+    saved = json.loads(path.read_text())
+    results = {(r["run"], r["lr"], r["seed"]): (r["held_out_loss"], r["trainable"], r["merges"], r["update_rank"])
+               for r in saved["results"]}
+    return saved["log"], results
 
 
 def _write_json(args, log, results) -> None:
