@@ -2,7 +2,7 @@
 
 The paper's claim (Lialin et al., arXiv 2307.05695, for 250M-1.3B parameters): ReLoRA lands between LoRA and full
 rank, much closer to full rank. The text is the Python standard library's own sources (available offline
-everywhere), split by file into train and held-out sets; tokens are bytes. Every run of a seed sees the same
+everywhere), split by file into train and held-out sets (or a local corpus, --text); tokens are bytes. Every run of a seed sees the same
 batches in the same order, and every run is scored on the same held-out windows.
 
     python examples/relora_pretrain.py --threads 1          # the documented run (docs/RELORA.md)
@@ -48,6 +48,18 @@ def stdlib_bytes(limit: int, held_out_every: int = 10) -> tuple[torch.Tensor, to
         if len(target) < (limit // held_out_every if target is held_out else limit):
             target += path.read_bytes() + b"\n"
     return torch.frombuffer(train, dtype=torch.uint8).long(), torch.frombuffer(held_out, dtype=torch.uint8).long()
+
+
+def file_bytes(path: Path, limit: int, held_out_every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and held-out byte streams from one local file (any text corpus, for a larger run): blocks of 1 MiB
+    (fewer bytes for a file under 100 MiB, so that there are 100 blocks), every `held_out_every`-th held out."""
+    raw = path.read_bytes()[: limit + limit // held_out_every]
+    block = max(1, min(1 << 20, len(raw) // 100))
+    blocks = [raw[k: k + block] for k in range(0, len(raw), block)]
+    train = b"".join(b for k, b in enumerate(blocks) if k % held_out_every)
+    held_out = b"".join(b for k, b in enumerate(blocks) if not k % held_out_every)
+    return (torch.frombuffer(bytearray(train), dtype=torch.uint8).long(),
+            torch.frombuffer(bytearray(held_out), dtype=torch.uint8).long())
 
 
 def windows(data: torch.Tensor, n: int, args, generator: torch.Generator) -> torch.Tensor:
@@ -205,6 +217,7 @@ def main() -> None:
     parser.add_argument("--final-eval-batches", type=int, default=64, help="held-out batches for the final loss")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--data-bytes", type=int, default=8_000_000, help="train bytes to read (held out: 1/10)")
+    parser.add_argument("--text", type=Path, help="a local corpus file instead of the stdlib sources")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--runs", default=",".join(RUNS), help="which runs, comma-separated")
@@ -228,7 +241,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lrs, seeds = [float(x) for x in args.lrs.split(",")], [int(x) for x in args.seeds.split(",")]
 
-    train_data, held_data = stdlib_bytes(limit=args.data_bytes)
+    train_data, held_data = (file_bytes(args.text, args.data_bytes) if args.text
+                             else stdlib_bytes(limit=args.data_bytes))
     g = torch.Generator().manual_seed(12345)  # the same held-out windows for every run and seed
     data = {"eval": [windows(held_data, args.batch, args, g) for _ in range(args.eval_batches)],
             "final": [windows(held_data, args.batch, args, g) for _ in range(args.final_eval_batches)]}
