@@ -2,11 +2,12 @@
 
 The paper's claim (Lialin et al., arXiv 2307.05695, for 250M-1.3B parameters): ReLoRA lands between LoRA and full
 rank, much closer to full rank. The text is the Python standard library's own sources (available offline
-everywhere), split by file into train and held-out sets (or a local corpus, --text); tokens are bytes. Every run of a seed sees the same
-batches in the same order, and every run is scored on the same held-out windows.
+everywhere), split by file into train and held-out sets, or a local corpus (--text); tokens are bytes. Every run
+of a seed sees the same batches in the same order, and every run is scored on the same held-out windows.
 
     python examples/relora_pretrain.py --threads 1          # the documented run (docs/RELORA.md)
     python examples/relora_pretrain.py --steps 80 --warm 20 --lrs 1e-3 --seeds 0   # a smoke test
+    python examples/relora_pretrain.py --device cuda --text corpus.txt --hidden 1024 --layers 16 ...  # at scale
 
 Runs, each at every learning rate in --lrs and every seed in --seeds (norms, embeddings and the output head are
 trained full rank in every run, as in the paper):
@@ -47,7 +48,7 @@ def stdlib_bytes(limit: int, held_out_every: int = 10) -> tuple[torch.Tensor, to
         target = held_out if k % held_out_every == 0 else train
         if len(target) < (limit // held_out_every if target is held_out else limit):
             target += path.read_bytes() + b"\n"
-    return torch.frombuffer(train, dtype=torch.uint8).long(), torch.frombuffer(held_out, dtype=torch.uint8).long()
+    return torch.frombuffer(train, dtype=torch.uint8), torch.frombuffer(held_out, dtype=torch.uint8)
 
 
 def file_bytes(path: Path, limit: int, held_out_every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,13 +59,13 @@ def file_bytes(path: Path, limit: int, held_out_every: int = 10) -> tuple[torch.
     blocks = [raw[k: k + block] for k in range(0, len(raw), block)]
     train = b"".join(b for k, b in enumerate(blocks) if k % held_out_every)
     held_out = b"".join(b for k, b in enumerate(blocks) if not k % held_out_every)
-    return (torch.frombuffer(bytearray(train), dtype=torch.uint8).long(),
-            torch.frombuffer(bytearray(held_out), dtype=torch.uint8).long())
+    return (torch.frombuffer(bytearray(train), dtype=torch.uint8),
+            torch.frombuffer(bytearray(held_out), dtype=torch.uint8))
 
 
 def windows(data: torch.Tensor, n: int, args, generator: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, len(data) - args.seq, (n,), generator=generator)
-    return torch.stack([data[s: s + args.seq] for s in starts.tolist()]).to(args.device)
+    return torch.stack([data[s: s + args.seq] for s in starts.tolist()]).long().to(args.device)
 
 
 def build_model(args, seed: int) -> nn.Module:
