@@ -73,16 +73,17 @@ OPTIMIZERS = ["adam", "adamw", "hf_adafactor", "torch_adafactor"]
 
 
 def train_through_a_merge(optimizer, reset, every=30, after=5, schedule=None, authors_timing=False):
-    """Train the adapters `every` steps, merge, then `after` more steps. Returns the held-out loss at the merge and
-    at the end, and the largest |step| / lr of any adapter entry after the merge. With `authors_timing` the merge
-    comes one step later, after the lr=0 step of the jagged schedule (`% relora == 1` in the authors' loop)."""
+    """Train the adapters `every` steps, merge, then `after` more steps (`after` + 1 with a jagged `schedule`: its
+    lr=0 step comes first). Returns the held-out loss at the merge and at the end, and the largest |step| / lr of
+    any adapter entry after the merge. With `authors_timing` the merge comes one step later, after the lr=0 step
+    (`% relora == 1` in the authors' loop); both orders run the same steps at the same lrs on the same batches."""
     model = llama()
     train, held_out = markov_batches(every + after + 1), markov_batches(4, seed=1)
     opt = make_optimizer(optimizer, [p for _, p in adapters(model)])
     schedule = schedule(opt) if schedule else None
     relora = ReLoRA(model, opt, merge_every=every, reset=reset, generator=torch.Generator().manual_seed(0))
     at_merge, largest = None, 0.0
-    for step, batch in enumerate(train[:every + after + authors_timing], start=1):
+    for step, batch in enumerate(train[:every + after + (schedule is not None)], start=1):
         before = [p.detach().clone() for _, p in adapters(model)]
         lr = opt.param_groups[0]["lr"]
         model(input_ids=batch, labels=batch).loss.backward()
