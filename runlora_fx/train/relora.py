@@ -4,6 +4,12 @@ Every `merge_every` steps each adapter is folded into its base weight (`W += s *
 re-drawn, B zero), most of the adapters' optimizer state is pruned, and the learning rate re-warms from zero.
 Each cycle adds one rank-r update to W, so the sum of the cycles reaches a rank that one adapter cannot.
 
+Right after a merge B = 0, so A's gradient is exactly 0. Pruning Adam's two moments on their own leaves entries
+with m != 0 and v = 0, which Adam then steps by lr * m / eps: a re-drawn A went from its kaiming bound to hundreds
+within 5 steps at the full lr. So the driver zeroes a re-drawn A's state (the history of a matrix that no longer
+exists) and prunes B's as the paper does, then zeroes B's first moment wherever its second moment is gone: every
+post-merge step stays an ordinary optimizer step, whatever the restart warmup.
+
 Everything here works on the real tensors of a site (`LoraParams`), in place: parameters keep their identity, so
 optimizers, `optimize()`-patched modules and compiled graphs keep working after a merge without recompiling.
 """
@@ -25,6 +31,7 @@ __all__ = [
     "RESET_MODES",
     "ReLoRA",
     "ReLoRACallback",
+    "default_restart_warmup",
     "find_peft_lora_params",
     "jagged_cosine_schedule",
     "merge_and_reinit",
@@ -297,10 +304,21 @@ def _prune_(state: torch.Tensor, mode: str, ratio: float, generator: torch.Gener
         state.masked_fill_(mask.view(state.shape).to(state.device), 0)
 
 
+def _state_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every floating-point, non-scalar state tensor of `params` (not step counters, other scalars or integer
+    state); ValueError if a tensor is not in the optimizer."""
+    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = sum(id(p) not in known for p in params)
+    if missing:
+        raise ValueError(f"params: {missing} of {len(params)} tensors are not in the optimizer's param_groups")
+    return [value for p in params for key, value in optimizer.state.get(p, {}).items()
+            if key != "step" and torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0]
+
+
 @torch.no_grad()
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor],
                           mode: str = "magnitude", ratio: float | None = None, *,
-                          generator: torch.Generator | None = None) -> int:
+                          generator: torch.Generator | None = None, pair_moments: bool = False) -> int:
     """Prune the optimizer state of `params` in place; return how many state tensors were pruned.
 
     Every floating-point state tensor of each parameter is pruned on its own (Adam's two moments, factored
@@ -308,6 +326,10 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
     |value| (ties at the threshold go too), `random` zeroes that many entries drawn at random, `zero` zeroes all.
     Scalars are left alone, and so are step counters (the bias corrections of Adam keep counting). Default ratio:
     0.9 for magnitude and 0.999 for random, as in the paper.
+
+    `pair_moments=True` then also zeroes Adam's first moment (`exp_avg`) wherever its denominator (`exp_avg_sq`,
+    and `max_exp_avg_sq` with amsgrad) is zero. Pruned on their own, the two moments leave entries with m != 0
+    and v = 0, and Adam steps those by about lr * m / (sqrt((1 - beta2) g^2) + eps): unbounded as g -> 0.
     """
     if mode not in RESET_MODES:
         raise ValueError(f"mode: must be one of {RESET_MODES}, got {mode!r}")
@@ -318,43 +340,61 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
     if mode == "zero" and ratio != 1.0:
         raise ValueError(f"ratio: mode='zero' zeroes the whole state; leave ratio unset (got {ratio!r})")
     params = list(params)
-    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = sum(id(p) not in known for p in params)
-    if missing:
-        raise ValueError(f"params: {missing} of {len(params)} tensors are not in the optimizer's param_groups")
-    pruned = 0
-    for p in params:
-        for key, value in optimizer.state.get(p, {}).items():
-            if key == "step" or not torch.is_tensor(value) or not value.is_floating_point() or value.dim() == 0:
-                continue
-            _prune_(value, mode, float(ratio), generator)
-            pruned += 1
-    return pruned
+    tensors = _state_tensors(optimizer, params)
+    for value in tensors:
+        _prune_(value, mode, float(ratio), generator)
+    if pair_moments:
+        for p in params:
+            _pair_moments_(optimizer.state.get(p, {}))
+    return len(tensors)
+
+
+def _pair_moments_(state: dict) -> None:
+    """Zero Adam's first moment where no second moment is left to divide it by."""
+    m = state.get("exp_avg")
+    denominators = [state[k] for k in ("exp_avg_sq", "max_exp_avg_sq")
+                    if torch.is_tensor(m) and torch.is_tensor(state.get(k)) and state[k].shape == m.shape]
+    if denominators:
+        m.masked_fill_(functools.reduce(torch.logical_and, [v == 0 for v in denominators]), 0)
 
 
 # ----------------------------------------------------------------------------------------------- schedule
 
 
-def _jagged_cosine(step: int, total_steps: int, warmup_steps: int, cycle_length: int, restart_warmup_steps: int,
-                   min_lr_ratio: float) -> float:
+def _cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
     if step < warmup_steps:
         return step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    value = min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _rewarmed(step: int, multiplier: Any, cycle_length: int, restart_warmup_steps: int) -> float:
+    """`multiplier(step)`, dropped to 0 at every multiple of `cycle_length` and ramped back over the warmup."""
+    value = multiplier(step)
     since_restart = step % cycle_length
     if step >= cycle_length and since_restart < restart_warmup_steps:
         value *= since_restart / restart_warmup_steps
     return value
 
 
+def default_restart_warmup(cycle_length: int) -> int:
+    """The restart warmup used when none is given: 10% of the cycle and at least 20 steps (never above the cycle).
+
+    The authors re-warm over 100 steps for cycles of 1000-5000 (the paper: 50-100). A 4-step re-warmup was too
+    short: the pruned state's first steps at nearly the full lr raised the loss after every restart.
+    """
+    return min(cycle_length, max(20, math.ceil(cycle_length / 10)))
+
+
 def jagged_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                           cycle_length: int, restart_warmup_steps: int, min_lr_ratio: float = 0.1) -> LambdaLR:
+                           cycle_length: int, restart_warmup_steps: int | None = None,
+                           min_lr_ratio: float = 0.1) -> LambdaLR:
     """Cosine decay with a linear warmup, dropped to zero and re-warmed at every restart (the paper's schedule).
 
     The multiplier rises linearly to 1 over `warmup_steps`, then follows a cosine from 1 to `min_lr_ratio` at
     `total_steps`; at every multiple of `cycle_length` it falls to 0 and climbs back to the cosine over
-    `restart_warmup_steps`, so the fresh adapters and pruned optimizer state start with small steps.
-    Set `cycle_length` to ReLoRA's `merge_every`.
+    `restart_warmup_steps` (default: `default_restart_warmup(cycle_length)`), so the fresh adapters and pruned
+    optimizer state start with small steps. Set `cycle_length` to ReLoRA's `merge_every`.
     """
     def check(name: str, value: Any, low: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -363,6 +403,8 @@ def jagged_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, w
     check("total_steps", total_steps, 1)
     check("warmup_steps", warmup_steps, 0)
     check("cycle_length", cycle_length, 1)
+    if restart_warmup_steps is None:
+        restart_warmup_steps = default_restart_warmup(cycle_length)
     check("restart_warmup_steps", restart_warmup_steps, 0)
     if warmup_steps >= total_steps:
         raise ValueError(f"warmup_steps: must be below total_steps={total_steps}, got {warmup_steps}")
@@ -373,9 +415,12 @@ def jagged_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, w
                          f"got {restart_warmup_steps}")
     if not (isinstance(min_lr_ratio, (int, float)) and 0.0 <= min_lr_ratio <= 1.0):
         raise ValueError(f"min_lr_ratio: must be a number in [0, 1], got {min_lr_ratio!r}")
-    return LambdaLR(optimizer, functools.partial(
-        _jagged_cosine, total_steps=total_steps, warmup_steps=warmup_steps, cycle_length=cycle_length,
-        restart_warmup_steps=restart_warmup_steps, min_lr_ratio=float(min_lr_ratio)))
+    cosine = functools.partial(_cosine, total_steps=total_steps, warmup_steps=warmup_steps,
+                               min_lr_ratio=float(min_lr_ratio))
+    schedule = LambdaLR(optimizer, functools.partial(_rewarmed, multiplier=cosine, cycle_length=cycle_length,
+                                                     restart_warmup_steps=restart_warmup_steps))
+    schedule.relora_restarts = (cycle_length, restart_warmup_steps)  # so that ReLoRACallback leaves it as it is
+    return schedule
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -386,8 +431,9 @@ class ReLoRA:
 
     `global_step` counts the optimizer steps done so far (HF Trainer's `state.global_step`); a merge happens
     when it is a positive multiple of `merge_every`, at most once per step value. `reset` is the optimizer-state
-    pruning mode (None keeps the state), `reset_ratio` its ratio (paper defaults when None). Only the adapters'
-    state is pruned: parameters trained full-rank (norms, embeddings) keep theirs. If `scheduler` is given,
+    pruning mode for B (None keeps all state), `reset_ratio` its ratio (paper defaults when None); with a reset,
+    a re-drawn A's state is zeroed and B keeps no first moment without a second one (module docstring). Only the
+    adapters' state is touched: parameters trained full-rank (norms, embeddings) keep theirs. If `scheduler` is given,
     `.step()` also steps it, so a hand-written loop calls just `optimizer.step(); relora.step(step)`.
 
     Sites: `sites` if given, else the graph matcher on `example_inputs` (both fixed once), else the peft layers
@@ -425,12 +471,16 @@ class ReLoRA:
             return []
         merged = merge_and_reinit(self.model, sites=self.sites, generator=self.generator)
         if self.reset is not None:
-            # The restarted tensors (a kept LoRA bias goes on training, so its state stays) that the optimizer has.
+            # The restarted tensors that the optimizer has (a kept LoRA bias goes on training, so its state stays).
             known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-            restarted = [t for site in merged for ad in site.adapters
-                         for t in (ad.lora_a, ad.lora_b, ad.lora_bias if site.bias is not None else None)
+            redrawn = [ad.lora_a for site in merged for ad in site.adapters if id(ad.lora_a) in known]
+            from_zero = [t for site in merged for ad in site.adapters
+                         for t in (ad.lora_b, ad.lora_bias if site.bias is not None else None)
                          if t is not None and id(t) in known]
-            reset_optimizer_state(self.optimizer, restarted, self.reset, self.reset_ratio, generator=self.generator)
+            # A re-drawn A is a new matrix: no history of the old one may move it (module docstring).
+            reset_optimizer_state(self.optimizer, redrawn, "zero")
+            reset_optimizer_state(self.optimizer, from_zero, self.reset, self.reset_ratio, generator=self.generator,
+                                  pair_moments=True)
         self.merges += 1
         self._last_merge_step = global_step
         return merged
@@ -443,19 +493,46 @@ def _callback_class() -> type:
     class ReLoRACallback(TrainerCallback):
         """ReLoRA inside a transformers `Trainer`: merges after every `merge_every`-th optimizer step.
 
-        Uses the Trainer's own model and optimizer (built on the first step). The Trainer steps its own scheduler:
-        pass `optimizers=(optimizer, jagged_cosine_schedule(optimizer, ..., cycle_length=merge_every, ...))`.
-        Other arguments as in `ReLoRA`.
+        Uses the Trainer's own model and optimizer (built on the first step). The Trainer steps its own scheduler.
+        A `jagged_cosine_schedule` (pass `optimizers=(optimizer, schedule)`, `cycle_length=merge_every`) is used
+        as it is. Any other `LambdaLR` (the Trainer's own linear or cosine schedules are) gets the restarts added
+        at the start of training: the lr drops to 0 after each merge and climbs back over
+        `restart_warmup_steps` (default `default_restart_warmup(merge_every)`). Other arguments as in `ReLoRA`.
         """
 
         def __init__(self, merge_every: int, reset: str | None = "magnitude", reset_ratio: float | None = None,
-                     *, sites: Sequence[LoraParams] | None = None, example_inputs: Any = None,
-                     generator: torch.Generator | None = None) -> None:
+                     *, restart_warmup_steps: int | None = None, sites: Sequence[LoraParams] | None = None,
+                     example_inputs: Any = None, generator: torch.Generator | None = None) -> None:
             if isinstance(merge_every, bool) or not isinstance(merge_every, int) or merge_every < 1:
                 raise ValueError(f"merge_every: must be an int >= 1, got {merge_every!r}")
+            if restart_warmup_steps is None:
+                restart_warmup_steps = default_restart_warmup(merge_every)
+            if isinstance(restart_warmup_steps, bool) or not isinstance(restart_warmup_steps, int) \
+                    or not 0 <= restart_warmup_steps <= merge_every:
+                raise ValueError(f"restart_warmup_steps: must be an int in [0, merge_every={merge_every}], "
+                                 f"got {restart_warmup_steps!r}")
+            self.restart_warmup_steps = restart_warmup_steps
             self._kwargs = dict(merge_every=merge_every, reset=reset, reset_ratio=reset_ratio, sites=sites,
                                 example_inputs=example_inputs, generator=generator)
             self.relora: ReLoRA | None = None
+
+        def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+            schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+            every = self._kwargs["merge_every"]
+            restarts = getattr(schedule, "relora_restarts", None)
+            if restarts is not None:
+                if restarts[0] != every:
+                    warnings.warn(f"lr_scheduler: its cycle_length {restarts[0]} is not merge_every={every}, so "
+                                  "its restarts do not follow the merges", stacklevel=2)
+            elif isinstance(schedule, LambdaLR):
+                schedule.lr_lambdas = [functools.partial(_rewarmed, multiplier=f, cycle_length=every,
+                                                         restart_warmup_steps=self.restart_warmup_steps)
+                                       for f in schedule.lr_lambdas]
+                schedule.relora_restarts = (every, self.restart_warmup_steps)
+            elif schedule is not None:
+                warnings.warn(f"lr_scheduler: a {type(schedule).__name__} is not a LambdaLR, so the lr is not "
+                              "re-warmed after merges; pass a jagged_cosine_schedule", stacklevel=2)
+            return control
 
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
             if self.relora is None:
