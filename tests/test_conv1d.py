@@ -19,7 +19,7 @@ def tiny_gpt2(dropout: float = 0.0, dtype: torch.dtype = torch.float32, layers: 
 
     torch.manual_seed(seed)
     cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0,
-                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, loss_type="ForCausalLM")
     model = get_peft_model(GPT2LMHeadModel(cfg).to(dtype),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=GPT2_TARGETS,
                                       fan_in_fan_out=True))
@@ -54,7 +54,8 @@ def test_backend_step_on_gpt2_equals_peft(dtype):
     from runlora_fx import backend
 
     backend.last_reports.clear()
-    compiled = torch.compile(copy.deepcopy(model), backend="runlora", options={"inner": "aot_eager"})
+    compiled = torch.compile(copy.deepcopy(model), backend="runlora", options={"inner": "aot_eager"},
+                             fullgraph=True)
     got = loss_and_grads(compiled, ids())
     assert_step_matches(got, want, None if dtype == torch.float64 else float64_truth(model, ids()))
     assert sum(r["rewritten"] for r in backend.last_reports) == 8
