@@ -19,8 +19,10 @@ def tiny_gpt2(dropout: float = 0.0, dtype: torch.dtype = torch.float32, layers: 
 
     torch.manual_seed(seed)
     cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0,
-                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, loss_type="ForCausalLM")
-    model = get_peft_model(GPT2LMHeadModel(cfg).to(dtype),
+                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    base = GPT2LMHeadModel(cfg).to(dtype)
+    base.loss_type = "ForCausalLM"  # GPT-2 names no loss type: transformers would log (a graph break) per call
+    model = get_peft_model(base,
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=GPT2_TARGETS,
                                       fan_in_fan_out=True))
     for name, p in model.named_parameters():
