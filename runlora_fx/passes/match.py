@@ -25,6 +25,7 @@ forward is variant code that `optimize()` must not replace.
 """
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass, field
@@ -163,6 +164,8 @@ class _Linear:
     view: fx.Node | None = None  # the transpose node of a matmul form (weight.T, ...)
     raw: fx.Node | None = None  # the right operand when it is not a transpose: x @ M
     quant: Linear4bitCall | None = None  # a bitsandbytes 4-bit base (then `node` is the end of its call)
+    weight_transposed: bool = False  # `weight` is stored (i x o): a GPT-2 Conv1D base, addmm(b, x, W)
+    extra: tuple[fx.Node, ...] = ()  # further nodes of the base call (Conv1D's flattening view and addmm)
 
 
 _LINEAR_FUNCS = (F.linear, torch._C._nn.linear)
@@ -190,13 +193,42 @@ def _linear(node: Any) -> _Linear | None:
 
 
 def _base_linear(node: Any) -> _Linear | None:
-    """A linear that can be a site's base: any `_linear`, or a bitsandbytes 4-bit call (passes.quant), which is
-    never an adapter's A or B."""
+    """A linear that can be a site's base: any `_linear`, a GPT-2 `Conv1D` call, or a bitsandbytes 4-bit call
+    (passes.quant); the last two are never an adapter's A or B."""
     found = _linear(node)
+    if found is not None:
+        return found
+    found = _conv1d(node)
     if found is not None:
         return found
     q = linear4bit(node)
     return None if q is None else _Linear(q.output, q.input, q.weight, q.bias, quant=q)
+
+
+_VIEW_METHODS = ("view", "reshape")
+
+
+def _conv1d(node: Any) -> _Linear | None:
+    """transformers' `Conv1D` (GPT-2; peft's `fan_in_fan_out=True` layers): `addmm(b, x.view(-1, i), W)` with W
+    stored (i x o), viewed back to x's leading dims. Normalised to `linear(x, W^T, b)`, the result being the
+    outer view."""
+    if not _is_call(node, (torch.addmm,)) or len(node.args) != 3 or node.kwargs:
+        return None
+    bias, flat, weight = node.args
+    if not all(isinstance(a, fx.Node) for a in (bias, flat, weight)) or len(node.users) != 1:
+        return None
+    if not _is_call(flat, (torch.reshape,), _VIEW_METHODS) or not isinstance(flat.args[0], fx.Node):
+        return None
+    x, out = flat.args[0], next(iter(node.users))
+    if not _is_call(out, (torch.reshape,), _VIEW_METHODS):
+        return None
+    x_shape, w_shape, out_shape, b_shape = _shape(x), _shape(weight), _shape(out), _shape(bias)
+    if not x_shape or not w_shape or len(w_shape) != 2 or b_shape != (w_shape[1],):
+        return None
+    if _shape(flat) != (math.prod(x_shape[:-1]), x_shape[-1]) or out_shape != x_shape[:-1] + (w_shape[1],):
+        return None  # exactly the flatten / unflatten of the leading dims: nothing else is folded in
+    extra = (flat, node) if set(flat.users) == {node} else (node,)
+    return _Linear(out, x, weight, bias, weight_transposed=True, extra=extra)
 
 
 def _transposed(node: fx.Node) -> fx.Node | None:
@@ -677,7 +709,8 @@ def _match_site(node: fx.Node, ctx: _Ctx) -> LoraSite | FailedMatch:
     problem = _check_weights(base, "base")
     if problem is not None:  # a FailedMatch is falsy: test for presence
         return problem.reported([node, *adds, *adapter_nodes])
-    nodes = ctx.sort([node, *adds, *adapter_nodes, output, *([base.view] if base.view is not None else []),
+    nodes = ctx.sort([node, base.node, *base.extra, *adds, *adapter_nodes, output,
+                      *([base.view] if base.view is not None else []),
                       *(base.quant.nodes if base.quant is not None else [])])
     nodes = _drop_shared_weight_views(nodes)
     problem = _check_escapes(nodes, output)
@@ -697,6 +730,7 @@ def _match_site(node: fx.Node, ctx: _Ctx) -> LoraSite | FailedMatch:
         adapters.append(ad)
     site = LoraSite(module_path=path, x=base.input, weight=base.weight, bias=base.bias,  # type: ignore[arg-type]
                     adapters=adapters, output=output, output_cast=output_cast, base_node=node, nodes=nodes,
+                    weight_transposed=base.weight_transposed,
                     x_requires_grad=ctx.requires_grad(base.input),
                     weight_requires_grad=ctx.requires_grad(base.weight),
                     bias_requires_grad=ctx.requires_grad(base.bias))
@@ -922,6 +956,7 @@ def site_params(site: LoraSite, value_of: Callable[[fx.Node], Any], model: nn.Mo
         module: nn.Module | None = model.get_submodule(site.module_path)
     except AttributeError:
         module = None
-    return LoraParams(site.module_path, real(site.weight), real(site.bias), adapters, module)
+    return LoraParams(site.module_path, real(site.weight), real(site.bias), adapters, module,
+                      weight_transposed=site.weight_transposed)
 
 

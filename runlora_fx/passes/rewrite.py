@@ -44,7 +44,9 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[LoraSite], options: SearchOpti
         adapters = [(a.lora_a, a.lora_b, a.lora_bias) for a in site.adapters]
         flat = SiteSignature.of_tensors(site.bias, adapters).flatten_adapters(adapters)
         with graph.inserting_before(site.output):
-            new = graph.call_function(lora_site, (site.x, site.weight, site.bias, flat, sid, training))
+            # a Conv1D base stores W as (i x o): the node takes the (o x i) view, as F.linear would
+            weight = graph.call_function(torch.t, (site.weight,)) if site.weight_transposed else site.weight
+            new = graph.call_function(lora_site, (site.x, weight, site.bias, flat, sid, training))
         new.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "nn_module_stack", "stack_trace")})
         site.output.replace_all_uses_with(new)
         for node in reversed(site.nodes):

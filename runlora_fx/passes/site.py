@@ -38,7 +38,7 @@ class LoraSite:
 
     module_path: str  # owning module, e.g. "model.layers.0.self_attn.q_proj"
     x: fx.Node  # input activation (N... x i)
-    weight: fx.Node  # base weight (o x i)
+    weight: fx.Node  # base weight (o x i), or (i x o) when `weight_transposed`
     bias: fx.Node | None
     adapters: list[AdapterSite]
     output: fx.Node  # the node whose value the site computes (after any final cast)
@@ -51,6 +51,7 @@ class LoraSite:
     x_requires_grad: bool | None = None  # from x's node meta example value
     weight_requires_grad: bool | None = None  # a trainable base weight still matches; this flags it
     bias_requires_grad: bool | None = None
+    weight_transposed: bool = False  # the base weight is stored (i x o): GPT-2 Conv1D, peft fan_in_fan_out
 
 
 @dataclass
@@ -80,3 +81,9 @@ class LoraParams:
     bias: torch.Tensor | None
     adapters: list[AdapterParams]
     module: torch.nn.Module | None = None  # the owning module, when known
+    weight_transposed: bool = False  # `weight` is stored (i x o) (GPT-2 Conv1D); the site computes x weight + b
+
+    @property
+    def linear_weight(self) -> torch.Tensor:
+        """The base weight as (o x i), the layout `F.linear` and the planned node take (a view, never a copy)."""
+        return self.weight.t() if self.weight_transposed else self.weight
