@@ -62,3 +62,33 @@ def test_backend_step_on_gpt2_equals_peft(dtype):
     assert_step_matches(got, want, None if dtype == torch.float64 else float64_truth(model, ids()))
     assert sum(r["rewritten"] for r in backend.last_reports) == 8
     assert not [s for r in backend.last_reports for s in r["skipped"]]
+
+
+class HandConv1DLoRA(torch.nn.Module):
+    """A hand-written LoRA layer over transformers' Conv1D (no peft, so no fan_in_fan_out flag to read)."""
+
+    def __init__(self, i: int = 12, o: int = 10, r: int = 3):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.base = Conv1D(o, i)
+        self.base.requires_grad_(False)
+        self.lora_a = torch.nn.Linear(i, r, bias=False)
+        self.lora_b = torch.nn.Linear(r, o, bias=False)
+        torch.nn.init.normal_(self.lora_b.weight)
+
+    def forward(self, x):
+        return self.base(x) + 2.0 * self.lora_b(self.lora_a(x))
+
+
+def test_relora_merges_a_matched_conv1d_site_in_its_stored_layout():
+    from runlora_fx.train.relora import merge_and_reinit
+
+    torch.manual_seed(0)
+    model = HandConv1DLoRA().double()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    y0 = model(x)
+    (site,) = merge_and_reinit(model, example_inputs=(x,))
+    assert site.weight_transposed and site.weight is model.base.weight
+    torch.testing.assert_close(model(x), y0, rtol=1e-12, atol=1e-12)  # the function is unchanged by the merge
+    assert not model.lora_b.weight.any()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 import torch.fx as fx
 
 from ..kernels.ops import lora_site, register_site

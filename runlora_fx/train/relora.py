@@ -15,6 +15,7 @@ optimizers, `optimize()`-patched modules and compiled graphs keep working after 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -124,8 +125,8 @@ def _out_in_shape(site: LoraParams) -> tuple[int, ...]:
 
 
 def _fan_in_fan_out(site: LoraParams) -> bool:
-    """peft stores GPT-2 style Conv1D weights as (in, out) and says so with this flag."""
-    return bool(getattr(site.module, "fan_in_fan_out", False))
+    """GPT-2 style Conv1D weights are stored (in, out): peft says so with this flag, the matcher on the site."""
+    return site.weight_transposed or bool(getattr(site.module, "fan_in_fan_out", False))
 
 
 def _check_site(site: LoraParams, owners: dict[int, set[int]]) -> None:
@@ -271,8 +272,7 @@ def _unique(sites: Iterable[LoraParams]) -> list[LoraParams]:
     for site in sites:
         first = by_weight.get(id(site.weight))
         if first is None:
-            by_weight[id(site.weight)] = LoraParams(site.module_path, site.weight, site.bias, list(site.adapters),
-                                                    site.module)
+            by_weight[id(site.weight)] = dataclasses.replace(site, adapters=list(site.adapters))
             continue
         known = {id(ad.lora_a) for ad in first.adapters}
         first.adapters += [ad for ad in site.adapters if id(ad.lora_a) not in known]
