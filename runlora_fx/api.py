@@ -52,19 +52,25 @@ class SiteNames:
     """Where a site's tensors live below its module: attribute paths ("base_layer.weight", "lora_A.default.weight")."""
 
     weight: str
-    bias: str | None
-    adapters: tuple[tuple[str, str, str | None], ...]  # (A, B, lora_bias) per adapter
+    bias: str  # checked at every call, also when the site had no bias (one added later is not ignored)
+    adapters: tuple[tuple[str, str, str], ...]  # (A, B, lora_bias) per adapter
     adapter_names: tuple[str, ...]
     scales: tuple[float, ...]
 
 
-def _attr(module: nn.Module, path: str | None) -> Any:
-    if path is None:
-        return None
+def _attr(module: nn.Module, path: str, optional: bool = False) -> Any:
+    """The attribute at `path` below `module`; with `optional`, None when its last part is missing (a bias)."""
+    *owners, last = path.split(".")
     obj: Any = module
-    for part in path.split("."):
+    for part in owners:
         obj = getattr(obj, part)
-    return obj
+    return getattr(obj, last, None) if optional else getattr(obj, last)
+
+
+def _bias_path(weight_path: str) -> str:
+    """Where the bias next to a weight lives ("base_layer.weight" -> "base_layer.bias")."""
+    owner = weight_path.rpartition(".")[0]
+    return f"{owner}.bias" if owner else "bias"
 
 
 @dataclass
@@ -86,8 +92,9 @@ class PatchedSite:
         """The module's tensors now, by name; None when one of them is gone (an adapter deleted)."""
         try:
             n = self.names
-            return (_attr(self.module, n.weight), _attr(self.module, n.bias),
-                    [(_attr(self.module, a), _attr(self.module, b), _attr(self.module, lb)) for a, b, lb in n.adapters])
+            return (_attr(self.module, n.weight), _attr(self.module, n.bias, optional=True),
+                    [(_attr(self.module, a), _attr(self.module, b), _attr(self.module, lb, optional=True))
+                     for a, b, lb in n.adapters])
         except AttributeError:
             return None
 
@@ -199,6 +206,9 @@ def _planned_tensors(site: PatchedSite, x: Any, args: tuple, kwargs: dict) -> Te
         return None
     if x.device != weight.device or x.numel() == 0 or torch.is_autocast_enabled(x.device.type):
         return None
+    if not x.is_contiguous() and not torch.empty_like(x, device="meta").is_contiguous() and _training(site) \
+            and any(c.dropout > 0 for c in site.runner.adapters):
+        return None  # dropout draws its mask in x's memory order there; the planned node draws it row-major
     return tensors if site.runner.accepts(x, weight, module) else None
 
 
@@ -250,12 +260,14 @@ def _site_names(module: nn.Module, params: LoraParams) -> SiteNames | None:
     def name(t: torch.Tensor | None) -> str | None:
         return None if t is None else names.get(id(t), "")
 
-    found = [name(params.weight), name(params.bias)] + \
-        [name(t) for a in params.adapters for t in (a.lora_a, a.lora_b, a.lora_bias)]
-    if "" in found:
+    weight = name(params.weight)
+    adapters = [(name(a.lora_a), name(a.lora_b), name(a.lora_bias)) for a in params.adapters]
+    bias = name(params.bias)
+    if "" in (weight, bias, *(n for ad in adapters for n in ad)):
         return None
-    return SiteNames(found[0], found[1], tuple(tuple(found[2 + 3 * k: 5 + 3 * k]) for k in range(len(params.adapters))),
-                     tuple(a.name for a in params.adapters), tuple(float(a.scale) for a in params.adapters))
+    adapters = [(a, b, lb or _bias_path(b)) for a, b, lb in adapters]
+    return SiteNames(weight, bias or _bias_path(weight), tuple(adapters), tuple(a.name for a in params.adapters),
+                     tuple(float(a.scale) for a in params.adapters))
 
 
 def _reason(model: nn.Module, module: nn.Module, site: LoraSite, graph: CapturedGraph, names: SiteNames | None,
