@@ -2,13 +2,20 @@
 
 `optimize` follows torchao's `quantize_` contract: it changes `model` in place and returns it; `restore` is its
 exact inverse. It captures the model with dynamo (on example inputs, or on the first real call), matches the
-LoRA sites, and replaces the `forward` of each site's owning module by a planned forward. Parameters are never
-replaced or copied, so state_dict, `save_pretrained`, optimizers and ReLoRA merges see the same objects.
+LoRA sites (inside checkpointed regions too), and replaces the `forward` of each site's owning module by a
+`PlannedForward`. Parameters are never replaced or copied, so state_dict, `save_pretrained`, optimizers and
+ReLoRA merges see the same objects.
 
-The planned forward checks on every call that the module is still in the state it was planned for (adapters
-enabled, not merged, the same active adapters and scales, the same dtypes and device, a plain `forward(x)` call)
-and otherwise runs the original forward. A module is patched only when its forward computes exactly the site
-(nothing else) and a check call on the captured input gives the original's output.
+`decide` is the one rule for which matched site is planned: `optimize` applies it, `explain` prints it.
+
+A `PlannedForward` is a plain object (the model pickles and deep-copies with it) that names the site's tensors by
+their attribute path below the module and reads them at every call: a deep copy computes with its own
+parameters, and a module whose parameters were swapped (FSDP2's unsharded parameters, a replaced weight) computes
+with the ones it holds now. On every call it checks that the module is still in the state it was planned for
+(adapters enabled, not merged, the same active adapters, scales and dropout p, the same dtypes and device, a
+frozen base, a plain `forward(x)` call) and otherwise runs the original forward. A module is patched only when
+its forward computes exactly the site (nothing else) and a check call on the captured input gives the original's
+output.
 
 Plain trainable `nn.Linear` layers outside LoRA sites get a forward that, while a `FloraAccumulator` compresses
 their weight (checked per call), runs `kernels.flora_linear`: the weight gradient is produced compressed.
@@ -28,16 +35,43 @@ from .config import OptimizeConfig
 from .kernels import autocast
 from .kernels.dense import LoraLinearRunner
 from .kernels.flora_linear import FloraLinearRunner, is_plain_linear
+from .passes.capture import CapturedGraph
 from .passes.match import ModelMatch, match_model, site_params
 from .passes.eligibility import rewrite_reason, runner_for, x_readers
-from .passes.site import LoraParams, LoraSite, SkippedSite
-from .planner.signature import SiteSignature
+from .passes.site import AdapterParams, LoraParams, LoraSite, SkippedSite
 from .report import Report, SiteRow
 
 log = logging.getLogger(__name__)
 
 _STATE = "_runlora_fx"
 FilterFn = Callable[[nn.Module, str], bool]
+Tensors = tuple  # (weight, bias, [(A, B, lora_bias), ...]) of one call
+
+
+@dataclass(frozen=True)
+class SiteNames:
+    """Where a site's tensors live below its module: attribute paths ("base_layer.weight", "lora_A.default.weight")."""
+
+    weight: str
+    bias: str  # checked at every call, also when the site had no bias (one added later is not ignored)
+    adapters: tuple[tuple[str, str, str], ...]  # (A, B, lora_bias) per adapter
+    adapter_names: tuple[str, ...]
+    scales: tuple[float, ...]
+
+
+def _attr(module: nn.Module, path: str, optional: bool = False) -> Any:
+    """The attribute at `path` below `module`; with `optional`, None when its last part is missing (a bias)."""
+    *owners, last = path.split(".")
+    obj: Any = module
+    for part in owners:
+        obj = getattr(obj, part)
+    return getattr(obj, last, None) if optional else getattr(obj, last)
+
+
+def _bias_path(weight_path: str) -> str:
+    """Where the bias next to a weight lives ("base_layer.weight" -> "base_layer.bias")."""
+    owner = weight_path.rpartition(".")[0]
+    return f"{owner}.bias" if owner else "bias"
 
 
 @dataclass
@@ -46,14 +80,66 @@ class PatchedSite:
 
     path: str
     module: nn.Module
-    params: LoraParams
+    names: SiteNames
     runner: LoraLinearRunner
     original_forward: Callable[..., Any] | None  # the instance attribute it had, if any (None: the class's)
     had_instance_forward: bool
-    dtypes: tuple[torch.dtype, ...]
-    device: torch.device
+    signature: tuple  # (class, dtype, device) per tensor slot (None for an absent bias) when planned
     peft_state: tuple | None  # (active adapters, scales) of a peft layer
-    planned_forward: Callable[..., Any] | None = None  # what module.forward is while patched
+    dropouts: tuple[tuple[str, float], ...]  # (path, p) of every dropout module inside the module
+    planned_forward: PlannedForward | None = None  # what module.forward is while patched
+
+    def tensors(self) -> Tensors | None:
+        """The module's tensors now, by name; None when one of them is gone (an adapter deleted)."""
+        try:
+            n = self.names
+            return (_attr(self.module, n.weight), _attr(self.module, n.bias, optional=True),
+                    [(_attr(self.module, a), _attr(self.module, b), _attr(self.module, lb, optional=True))
+                     for a, b, lb in n.adapters])
+        except AttributeError:
+            return None
+
+    @property
+    def params(self) -> LoraParams:
+        """The site's tensors now (what ReLoRA merges into)."""
+        tensors = self.tensors()
+        if tensors is None:
+            raise AttributeError(f"{self.path}: a tensor of the planned site is no longer an attribute of the module")
+        weight, bias, adapters = tensors
+        return LoraParams(self.path, weight, bias, [AdapterParams(name, a, b, scale, lb) for name, scale, (a, b, lb)
+                                                    in zip(self.names.adapter_names, self.names.scales, adapters)],
+                          self.module)
+
+    def original(self) -> Callable[..., Any]:
+        return self.original_forward or type(self.module).forward.__get__(self.module)
+
+    def __getstate__(self) -> dict:
+        # a copy or a pickle starts with an empty per-call plan cache (plans are re-derived on the first call)
+        return {**self.__dict__, "runner": self.runner.with_adapters(self.runner.adapters)}
+
+
+def _signature(tensors: Tensors) -> tuple:
+    weight, bias, adapters = tensors
+    slots = [weight, bias] + [t for ad in adapters for t in ad]
+    return tuple(None if t is None else (type(t), t.dtype, t.device) for t in slots)
+
+
+class PlannedForward:
+    """`module.forward` of a patched module: the planned runner on the module's live tensors when the call is
+    one it was planned for, else the original forward."""
+
+    __runlora_fx__ = True
+
+    def __init__(self, site: PatchedSite) -> None:
+        self.site = site
+
+    def __call__(self, x, *args, **kwargs):
+        site = self.site
+        tensors = _planned_tensors(site, x, args, kwargs)
+        if tensors is None:
+            return site.original()(x, *args, **kwargs)
+        weight, bias, adapters = tensors
+        return autocast.call(site.runner, x, weight, bias, adapters, _training(site))
 
 
 @dataclass
@@ -75,7 +161,7 @@ class OptimizedState:
     patched: list[PatchedSite] = field(default_factory=list)
     flora: list[PatchedFloraLinear] = field(default_factory=list)  # plain linears for FloraAccumulator
     skipped: list[SkippedSite] = field(default_factory=list)
-    pending_hook: Any = None  # the forward pre-hook waiting for the first real call
+    pending_hook: _PlanOnFirstCall | None = None  # the forward pre-hook waiting for the first real call
 
 
 # ----------------------------------------------------------------------------------------------- state checks
@@ -92,22 +178,41 @@ def _peft_state(module: nn.Module) -> tuple | None:
     return active, tuple(float(module.scaling[a]) for a in active)
 
 
-def _tensors(p: LoraParams) -> list[torch.Tensor]:
-    adapters = [(a.lora_a, a.lora_b, a.lora_bias) for a in p.adapters]
-    return SiteSignature.of_tensors(p.bias, adapters).flatten(None, p.weight, p.bias, adapters)[1:]
+def _dropouts(module: nn.Module) -> tuple[tuple[str, float], ...]:
+    return tuple((name, float(m.p)) for name, m in module.named_modules()
+                 if isinstance(m, nn.modules.dropout._DropoutNd))
 
 
-def _in_planned_state(site: PatchedSite, x: Any, args: tuple, kwargs: dict) -> bool:
-    """Whether the planned forward computes what the original would, for this call."""
+def _dropout_p(module: nn.Module, path: str) -> float | None:
+    try:
+        return float(module.get_submodule(path).p)
+    except AttributeError:
+        return None
+
+
+def _planned_tensors(site: PatchedSite, x: Any, args: tuple, kwargs: dict) -> Tensors | None:
+    """The tensors to run the planned runner on, or None when this call must run the original forward."""
     if args or kwargs or not isinstance(x, torch.Tensor):
-        return False
+        return None
     module = site.module
     if _is_peft_layer(module) and (module.disable_adapters or module.merged or _peft_state(module) != site.peft_state):
-        return False
-    tensors = _tensors(site.params)
-    if tuple(t.dtype for t in tensors) != site.dtypes or any(t.device != site.device for t in tensors):
-        return False
-    return x.device == site.device and autocast.accepts(site.runner, x, tensors, module)
+        return None
+    tensors = site.tensors()
+    if tensors is None or _signature(tensors) != site.signature:
+        return None
+    weight = tensors[0]
+    if weight.requires_grad and torch.is_grad_enabled():  # the planned node keeps the base frozen
+        return None
+    if any(_dropout_p(module, path) != p for path, p in site.dropouts):
+        return None
+    if x.device != weight.device or x.numel() == 0:
+        return None
+    if not x.is_contiguous() and not torch.empty_like(x, device="meta").is_contiguous() and _training(site) \
+            and any(c.dropout > 0 for c in site.runner.adapters):
+        return None  # dropout draws its mask in x's memory order there; the planned node draws it row-major
+    bias, adapters = tensors[1], tensors[2]
+    flat = [weight] + ([bias] if bias is not None else []) + [t for ad in adapters for t in ad if t is not None]
+    return tensors if autocast.accepts(site.runner, x, flat, module) else None
 
 
 def _training(site: PatchedSite) -> bool:
@@ -118,20 +223,20 @@ def _training(site: PatchedSite) -> bool:
     return module.training
 
 
-def _planned_forward(site: PatchedSite) -> Callable[..., Any]:
-    original = site.original_forward or type(site.module).forward.__get__(site.module)
-    adapters = [(a.lora_a, a.lora_b, a.lora_bias) for a in site.params.adapters]
-
-    def forward(x, *args, **kwargs):
-        if not _in_planned_state(site, x, args, kwargs):
-            return original(x, *args, **kwargs)
-        return autocast.call(site.runner, x, site.params.weight, site.params.bias, adapters, _training(site))
-
-    forward.__runlora_fx__ = True
-    return forward
+# ----------------------------------------------------------------------------------------------- the decision
 
 
-# ----------------------------------------------------------------------------------------------- patching
+@dataclass
+class SiteDecision:
+    """One matched site and what `optimize` does with it: planned when `reason` is None, else left alone."""
+
+    path: str
+    site: LoraSite
+    graph: CapturedGraph  # the graph (or checkpointed subgraph) it was matched in
+    readers: int  # sites of that graph reading the same x
+    params: LoraParams  # its tensors at capture time
+    names: SiteNames | None  # where they live below the module (None: not all of them do)
+    reason: str | None
 
 
 def _module_only_computes(site: LoraSite, module: nn.Module, graph: fx.Graph) -> str | None:
@@ -149,18 +254,82 @@ def _module_only_computes(site: LoraSite, module: nn.Module, graph: fx.Graph) ->
     return None
 
 
-def _patch(path: str, module: nn.Module, site: LoraSite, params: LoraParams, config: OptimizeConfig,
-           readers: int) -> PatchedSite:
-    tensors = _tensors(params)
-    patched = PatchedSite(
-        path, module, params, runner_for(site, config.search_options, readers),
-        module.__dict__.get("forward"), "forward" in module.__dict__,
-        tuple(t.dtype for t in tensors), params.weight.device, _peft_state(module))
+def _site_names(module: nn.Module, params: LoraParams) -> SiteNames | None:
+    """The attribute paths of the site's tensors below `module`, or None when one is not its parameter/buffer."""
+    names: dict[int, str] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), name)
+
+    def name(t: torch.Tensor | None) -> str | None:
+        return None if t is None else names.get(id(t), "")
+
+    weight = name(params.weight)
+    adapters = [(name(a.lora_a), name(a.lora_b), name(a.lora_bias)) for a in params.adapters]
+    bias = name(params.bias)
+    if "" in (weight, bias, *(n for ad in adapters for n in ad)):
+        return None
+    adapters = [(a, b, lb or _bias_path(b)) for a, b, lb in adapters]
+    return SiteNames(weight, bias or _bias_path(weight), tuple(adapters), tuple(a.name for a in params.adapters),
+                     tuple(float(a.scale) for a in params.adapters))
+
+
+def _reason(model: nn.Module, module: nn.Module, site: LoraSite, graph: CapturedGraph, names: SiteNames | None,
+            filter_fn: FilterFn | None) -> str | None:
+    if filter_fn is not None and not filter_fn(module, site.module_path):
+        return "excluded by filter_fn"
+    reason = rewrite_reason(site) or _module_only_computes(site, module, graph.gm.graph)
+    if reason:
+        return reason
+    if module is model:
+        return "the site is the whole model (patching its forward would hide the model)"
+    if names is None:
+        return "a tensor of the site is not a parameter or buffer of its module"
+    return None
+
+
+def decide(model: nn.Module, found: ModelMatch, filter_fn: FilterFn | None = None) -> list[SiteDecision]:
+    """For every matched site (once per module, first graph first): planned, or left alone and why."""
+    decisions, seen = [], set()
+    for graph, result in zip(found.graphs, found.results):
+        readers = x_readers(result.sites)
+        for site in result.sites:
+            if site.module_path in seen:
+                continue
+            seen.add(site.module_path)
+            params = site_params(site, graph.value_of, model)
+            module = params.module
+            if module is None:
+                decisions.append(SiteDecision(site.module_path, site, graph, readers[site.x], params, None,
+                                              "its module path does not resolve in the model"))
+                continue
+            names = _site_names(module, params)
+            reason = _reason(model, module, site, graph, names, filter_fn)
+            decisions.append(SiteDecision(site.module_path, site, graph, readers[site.x], params, names, reason))
+    return decisions
+
+
+def _skipped(found: ModelMatch, decisions: list[SiteDecision]) -> list[SkippedSite]:
+    """The layers left alone: the matcher's, then the decision's (without their graph nodes: state stays small
+    and picklable)."""
+    return [SkippedSite(s.module_path, s.reason) for s in found.skipped] + \
+        [SkippedSite(d.path, d.reason) for d in decisions if d.reason]
+
+
+# ----------------------------------------------------------------------------------------------- patching
+
+
+def _patch(module: nn.Module, decision: SiteDecision, config: OptimizeConfig) -> PatchedSite:
+    site, params = decision.site, decision.params
+    runner = runner_for(site, config.search_options, decision.readers)
     # the runner's dropout p must not depend on the mode the model was captured in
-    patched.runner = patched.runner.with_adapters(
-        tuple(type(c)(c.scale, float(a.dropout_p), c.lora_bias) for c, a in zip(patched.runner.adapters, site.adapters)))
-    patched.planned_forward = module.forward = _planned_forward(patched)
+    runner = runner.with_adapters(
+        tuple(type(c)(c.scale, float(a.dropout_p), c.lora_bias) for c, a in zip(runner.adapters, site.adapters)))
+    tensors = (params.weight, params.bias, [(a.lora_a, a.lora_b, a.lora_bias) for a in params.adapters])
+    patched = PatchedSite(decision.path, module, decision.names, runner, module.__dict__.get("forward"),
+                          "forward" in module.__dict__, _signature(tensors), _peft_state(module), _dropouts(module))
+    patched.planned_forward = module.forward = PlannedForward(patched)
     return patched
+
 
 
 def _flora_forward(site: PatchedFloraLinear) -> Callable[..., Any]:
@@ -205,6 +374,7 @@ def _unpatch(site: PatchedSite | PatchedFloraLinear) -> None:
         site.module.__dict__.pop("forward", None)
 
 
+
 def _check_calls(model: nn.Module, patched: list[PatchedSite], example_inputs, example_kwargs) -> list[PatchedSite]:
     """Run the model once; at each patched module compare the planned output with the original's on the same
     input and RNG state. Modules that disagree are unpatched (returned)."""
@@ -214,9 +384,8 @@ def _check_calls(model: nn.Module, patched: list[PatchedSite], example_inputs, e
         def hook(module, args, kwargs, output, site=site):
             if not args or kwargs or not isinstance(output, torch.Tensor):
                 return None
-            original = site.original_forward or type(module).forward.__get__(module)
             with torch.random.fork_rng(devices=[]):
-                ref = original(*args)
+                ref = site.original()(*args)
             with torch.random.fork_rng(devices=[]):
                 ours = module.forward(*args)
             tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(ref.dtype, 3e-2)
@@ -246,26 +415,11 @@ def _fast_masks(patched: list[PatchedSite]) -> bool:
 def _optimize_now(model: nn.Module, state: OptimizedState, example_inputs: tuple, example_kwargs: dict,
                   filter_fn: FilterFn | None) -> None:
     found: ModelMatch = match_model(model, example_inputs, example_kwargs)
-    state.skipped = list(found.skipped)
-    seen: set[str] = set()
-    for graph, result in zip(found.captured.graphs, found.results):
-        for site in result.sites:
-            if site.module_path in seen:
-                continue
-            seen.add(site.module_path)
-            module = model.get_submodule(site.module_path)
-            if filter_fn is not None and not filter_fn(module, site.module_path):
-                state.skipped.append(SkippedSite(site.module_path, "excluded by filter_fn"))
-                continue
-            reason = rewrite_reason(site) or _module_only_computes(site, module, graph.gm.graph)
-            if module is model:
-                reason = reason or "the site is the whole model (patching its forward would hide the model)"
-            if reason:
-                state.skipped.append(SkippedSite(site.module_path, reason))
-                continue
-            params = site_params(site, graph.value_of, model)
-            readers = x_readers(result.sites)[site.x]
-            state.patched.append(_patch(site.module_path, module, site, params, state.config, readers))
+    decisions = decide(model, found, filter_fn)
+    state.skipped = _skipped(found, decisions)
+    for decision in decisions:
+        if decision.reason is None:
+            state.patched.append(_patch(decision.params.module, decision, state.config))
     for site in _check_calls(model, state.patched, example_inputs, example_kwargs):
         _unpatch(site)
         state.patched.remove(site)
@@ -275,26 +429,73 @@ def _optimize_now(model: nn.Module, state: OptimizedState, example_inputs: tuple
              len(state.skipped), len(state.flora))
 
 
-def optimize(model: nn.Module, example_inputs: tuple | None = None, *, example_kwargs: dict | None = None,
-             filter_fn: FilterFn | None = None, **options) -> nn.Module:
+class _PlanOnFirstCall:
+    """The forward pre-hook that optimizes on the first real call. An object holding no state of its own (the
+    model's `_runlora_fx` state is read at the call), so a pickled or deep-copied model plans its own copy."""
+
+    def __init__(self, filter_fn: FilterFn | None) -> None:
+        self.filter_fn = filter_fn
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state: OptimizedState = getattr(module, _STATE)
+        _remove_pre_hook(module, self)
+        state.pending_hook = None
+        _optimize_now(module, state, tuple(args), dict(kwargs), self.filter_fn)
+
+
+def _remove_pre_hook(module: nn.Module, hook: Any) -> None:
+    """Remove `hook` from the module's forward pre-hooks by identity (a handle would not survive a copy)."""
+    for key, value in list(module._forward_pre_hooks.items()):
+        if value is hook:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def _check_example_args(example_inputs: Any, example_kwargs: Any) -> None:
+    if isinstance(example_inputs, dict):
+        raise TypeError("example_inputs is a dict: pass keyword arguments as example_kwargs={...}")
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("example_inputs must be a tuple of positional arguments (use example_kwargs for keywords)")
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"example_kwargs must be a dict of keyword arguments, got {type(example_kwargs).__name__}")
+
+
+def _config(config: OptimizeConfig | None, options: dict) -> OptimizeConfig:
+    """The validated config: `config`, or one built from the flat options (sugar for the same thing)."""
+    if config is None:
+        return OptimizeConfig.from_options(options)
+    if not isinstance(config, OptimizeConfig):
+        raise TypeError(f"config must be an OptimizeConfig, got {type(config).__name__}")
+    if options:
+        raise ValueError(f"give either config or options, not both (got config and {', '.join(sorted(options))})")
+    return config
+
+
+def optimize(model: nn.Module, example_inputs: tuple | OptimizeConfig | None = None, *,
+             config: OptimizeConfig | None = None, filter_fn: FilterFn | None = None,
+             example_kwargs: dict | None = None, **options) -> nn.Module:
     """Plan every LoRA site of `model` in place and return `model`.
 
     example_inputs / example_kwargs: a call to capture on. If both are None, capture happens on the first real
         call (that call then runs the planned model).
+    config: an `OptimizeConfig` (torchao `quantize_` style: `optimize(model, config)` works too); `options`
+        (objective, memory_budget, time_slack, strategy) are sugar for one. Unknown names raise.
     filter_fn(module, path): return False to leave a site (or a plain linear, see below) alone.
     Plain trainable `nn.Linear` layers outside LoRA sites are patched too: while a `FloraAccumulator` compresses
     their weight, a planned backward produces the compressed gradient directly (see docs/FLORA.md);
     `flora_linears(model)` lists them.
-    options: see `OptimizeConfig` (objective, memory_budget, time_slack, strategy); unknown names raise.
-    Calling it again with the same options is a no-op; with other options it re-plans.
+    Calling it again with the same config is a no-op; with another it re-plans.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
-    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
-        raise TypeError("example_inputs must be a tuple of positional arguments (use example_kwargs for keywords)")
-    config = OptimizeConfig.from_options(options)
+    if isinstance(example_inputs, OptimizeConfig):
+        if config is not None:
+            raise TypeError("config given twice (positionally and as config=)")
+        example_inputs, config = None, example_inputs
+    _check_example_args(example_inputs, example_kwargs)
     if "inner" in options:
         raise ValueError("option 'inner' applies to torch.compile(backend='runlora') only, not to optimize()")
+    config = _config(config, options)
     old: OptimizedState | None = getattr(model, _STATE, None)
     if old is not None:
         if old.config == config:
@@ -303,11 +504,8 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, *, example_k
     state = OptimizedState(config)
     setattr(model, _STATE, state)
     if example_inputs is None and example_kwargs is None:
-        def first_call(module, args, kwargs):
-            state.pending_hook.remove()
-            state.pending_hook = None
-            _optimize_now(module, state, tuple(args), dict(kwargs), filter_fn)
-        state.pending_hook = model.register_forward_pre_hook(first_call, with_kwargs=True)
+        state.pending_hook = _PlanOnFirstCall(filter_fn)
+        model.register_forward_pre_hook(state.pending_hook, with_kwargs=True)
     else:
         _optimize_now(model, state, tuple(example_inputs or ()), dict(example_kwargs or {}), filter_fn)
     return model
@@ -319,7 +517,7 @@ def restore(model: nn.Module) -> nn.Module:
     if state is None:
         return model
     if state.pending_hook is not None:
-        state.pending_hook.remove()
+        _remove_pre_hook(model, state.pending_hook)
     for site in state.patched + state.flora:
         _unpatch(site)
     delattr(model, _STATE)
@@ -354,27 +552,26 @@ def flora_linears(model: nn.Module) -> list[PatchedFloraLinear]:
 # ----------------------------------------------------------------------------------------------- explain
 
 
-def explain(model: nn.Module, example_inputs: tuple = (), *, example_kwargs: dict | None = None, **options) -> Report:
-    """A row per LoRA site (its plan against the stock program, for the N of the example call) and a row per
-    layer left alone with the reason. Does not change the model."""
-    config = OptimizeConfig.from_options({k: v for k, v in options.items() if k != "inner"})
+def explain(model: nn.Module, example_inputs: tuple = (), *, example_kwargs: dict | None = None,
+            config: OptimizeConfig | None = None, filter_fn: FilterFn | None = None, **options) -> Report:
+    """What `optimize` would do, without doing it: a row per site it plans (its plan against the stock program,
+    for the N of the example call) and a row per layer it leaves alone with the reason (`decide`, the same rule
+    optimize applies). Does not change the model. Takes optimize's arguments; `inner` is accepted and ignored."""
+    _check_example_args(example_inputs, example_kwargs)
+    config = _config(config, {k: v for k, v in options.items() if k != "inner"})
     with _original_forwards(model):  # an optimized model is explained as what it optimizes
         found = match_model(model, tuple(example_inputs), dict(example_kwargs or {}))
-    rows, skipped, seen = [], list(found.skipped), set()
-    for graph, result in zip(found.captured.graphs, found.results):
-        for site in result.sites:
-            if site.module_path in seen:
-                continue
-            seen.add(site.module_path)
-            reason = rewrite_reason(site)
-            if reason:
-                skipped.append(SkippedSite(site.module_path, reason))
-                continue
-            params = site_params(site, graph.value_of, model)
-            runner = runner_for(site, config.search_options, x_readers(result.sites)[site.x])
-            x = site.x.meta.get("example_value", site.x.meta.get("val"))
-            adapters = [(a.lora_a, a.lora_b, a.lora_bias) for a in params.adapters]
-            training = any(a.dropout_train for a in site.adapters)
-            spec = runner.spec_for(x, params.weight, params.bias, adapters, training)
-            rows.append(SiteRow(site.module_path, runner.plan_for(spec, params.weight.device)))
-    return Report(rows, skipped, any_graph_break=not found.captured.fullgraph)
+    decisions = decide(model, found, filter_fn)
+    rows = [SiteRow(d.path, _plan(d, config)) for d in decisions if d.reason is None]
+    return Report(rows, _skipped(found, decisions), any_graph_break=not found.captured.fullgraph)
+
+
+def _plan(decision: SiteDecision, config: OptimizeConfig):
+    """The plan the site's runner chooses for the captured call."""
+    site, params = decision.site, decision.params
+    runner = runner_for(site, config.search_options, decision.readers)
+    x = site.x.meta.get("example_value", site.x.meta.get("val"))
+    adapters = [(a.lora_a, a.lora_b, a.lora_bias) for a in params.adapters]
+    training = any(a.dropout_train for a in site.adapters)
+    spec = runner.spec_for(x, params.weight, params.bias, adapters, training)
+    return runner.plan_for(spec, params.weight.device)

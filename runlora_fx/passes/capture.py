@@ -9,13 +9,21 @@ back the very `nn.Parameter` objects of a site.
 
 Capture runs the model once, for real, through a recording backend: first with `fullgraph=True`; if dynamo
 cannot trace the whole forward, again with graph breaks allowed, and then every graph it produced is returned
-(`Captured.fullgraph` tells which happened and `fullgraph_error` why).
+(`Captured.fullgraph` tells which happened and `fullgraph_error` why). What is compiled is a small function that
+calls the model and detaches its outputs, with dynamo told to skip logging calls: neither changes a node the
+matcher reads, and together they keep whole graphs where a user's setup would break them for nothing (HF's
+gradient checkpointing makes the embedding output `requires_grad_()` through a hook, which dynamo refuses to
+return from a graph, and warns through `logger.warning_once`). A graph break there would cost more than a graph:
+a checkpointed layer whose region is not traced whole runs under `torch._disable_dynamo` and is not seen at all.
+
+Checkpointed regions (`torch.utils.checkpoint`, HF's gradient checkpointing) reach dynamo's graph as a
+higher-order op applied to a subgraph; `Captured.all_graphs()` lists those subgraphs too, each with the real
+values of the placeholders its operands come from.
 
 What capture leaves behind (the hygiene contract):
 
-* The model is not compiled afterwards: `torch.compile(model)` returns a wrapper, and the one attribute it sets
-  on the module itself (`_is_torch_compile`) is removed again; an already compiled `OptimizedModule` is
-  unwrapped to its original module first.
+* The model is not compiled afterwards: only the calling function is compiled, and an already compiled
+  `OptimizedModule` is unwrapped to its original module first.
 * Dynamo's per-code caches: the recording compile runs as its own isolated compile region
   (`isolate_recompiles=True` where torch has it), so it never counts against the user's recompile limits and no
   other `torch.compile` call looks its entries up. Afterwards every code object that had no compiled entry
@@ -43,6 +51,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,75 @@ class CapturedGraph:
             self._index = {n: i for i, n in enumerate(self.placeholders)}
         return _value_of(self.gm, self.example_inputs, node, self._index)
 
+    def subgraphs(self) -> list[CapturedGraph]:
+        """The subgraphs that this graph's higher-order ops apply to their operands (checkpointed regions,
+        `wrap`), nested ones included. A subgraph's placeholders are the op's operands in order; each gets the
+        operand's real value when the operand is a placeholder or attribute here, else None (computed here)."""
+        found: list[CapturedGraph] = []
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+                continue
+            body = node.args[0] if node.args else None
+            if not isinstance(body, fx.Node) or body.op != "get_attr":
+                continue
+            gm, operands = self.value_of(body), node.args[1:]
+            if not isinstance(gm, fx.GraphModule) or \
+                    sum(n.op == "placeholder" for n in gm.graph.nodes) != len(operands):
+                continue
+            sub = _with_weight_views(self, gm, operands)
+            found += [sub, *sub.subgraphs()]
+        return found
+
+    def _operand_value(self, operand: Any) -> Any:
+        if isinstance(operand, fx.Node):
+            return self.value_of(operand) if operand.op in ("placeholder", "get_attr") else None
+        return operand
+
+
+def _is_view_of_input(node: Any) -> bool:
+    """`W.T`, `W.t()`, `W.transpose(...)`, `W.permute(...)` of a placeholder or attribute, with constant args."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node) or \
+            node.args[0].op not in ("placeholder", "get_attr") or node.kwargs:
+        return False
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1:] in (("T",), ("mT",))
+    if node.op == "call_method":
+        return node.target in ("t", "transpose", "permute") and not any(isinstance(a, fx.Node) for a in node.args[1:])
+    return node.op == "call_function" and node.target in (torch.t, torch.transpose, torch.permute) and \
+        not any(isinstance(a, fx.Node) for a in node.args[1:])
+
+
+def _with_weight_views(outer: CapturedGraph, body: fx.GraphModule, operands: tuple) -> CapturedGraph:
+    """The subgraph with its placeholders' real values. Dynamo hoists a parameter's transpose (`W.T`) out of a
+    checkpointed region and passes the view in; on a copy of the body, such a placeholder becomes a placeholder
+    for the parameter itself plus the view inside, so the matcher sees `x @ W.T` of a real weight as it would
+    without the checkpoint. The copy is for matching: the outer graph still passes the view."""
+    if not any(_is_view_of_input(a) for a in operands):
+        return CapturedGraph(body, [outer._operand_value(a) for a in operands])
+    body = copy.deepcopy(body)
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    values, views = [], []
+    for ph, operand in zip(placeholders, operands):
+        if not _is_view_of_input(operand):
+            values.append(outer._operand_value(operand))
+            continue
+        src = operand.args[0]
+        with body.graph.inserting_before(ph):
+            base = body.graph.placeholder(f"{ph.name}_base")
+        base.meta.update(src.meta)
+        values.append(outer.value_of(src))
+        views.append((ph, base, operand))
+    anchor = [n for n in body.graph.nodes if n.op == "placeholder"][-1]
+    for ph, base, operand in views:
+        with body.graph.inserting_after(anchor):
+            view = body.graph.create_node(operand.op, operand.target, (base, *operand.args[1:]), {})
+        view.meta.update(ph.meta)
+        ph.replace_all_uses_with(view)
+        body.graph.erase_node(ph)
+        anchor = view
+    body.recompile()
+    return CapturedGraph(body, values)
+
 
 @dataclass
 class Captured:
@@ -83,9 +161,13 @@ class Captured:
     def __len__(self) -> int:
         return len(self.graphs)
 
+    def all_graphs(self) -> list[CapturedGraph]:
+        """Every captured graph followed by its subgraphs (`CapturedGraph.subgraphs`)."""
+        return [h for g in self.graphs for h in (g, *g.subgraphs())]
+
     def graph_of(self, node: fx.Node) -> CapturedGraph:
-        """The captured graph that owns `node`."""
-        for g in self.graphs:
+        """The captured graph (or subgraph) that owns `node`."""
+        for g in self.all_graphs():
             if node.graph is g.gm.graph:
                 return g
         raise ValueError(f"node {node.name!r} belongs to none of the {len(self.graphs)} captured graphs")
@@ -168,19 +250,42 @@ def _check_args(model: Any, example_inputs: Any, example_kwargs: Any) -> nn.Modu
 def _run_recorded(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], fullgraph: bool,
                   recorded: list[CapturedGraph], preserve_rng: bool) -> Any:
     def record(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
+        _drop_output_detaches(gm)
         recorded.append(CapturedGraph(gm, list(example_inputs)))
         return gm.forward
 
     compile_kwargs: dict[str, Any] = {"backend": record, "fullgraph": fullgraph, "dynamic": False}
     if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
         compile_kwargs["isolate_recompiles"] = True
-    marked = "_is_torch_compile" in model.__dict__
-    try:
-        with _dynamo_sandbox(), _rng_guard(model, args, kwargs, preserve_rng):
-            return torch.compile(model, **compile_kwargs)(*args, **kwargs)
-    finally:
-        if not marked:  # torch.compile(module) tags the module itself; take the tag back
-            model.__dict__.pop("_is_torch_compile", None)
+    no_logging = torch._dynamo.config.patch(ignore_logging_functions=_logger_methods()) \
+        if hasattr(torch._dynamo.config, "ignore_logging_functions") else contextlib.nullcontext()
+    with _dynamo_sandbox(), _rng_guard(model, args, kwargs, preserve_rng), no_logging:
+        return torch.compile(_call_detached, **compile_kwargs)(model, args, kwargs)
+
+
+def _call_detached(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The model's outputs, detached: a graph may then end in a tensor that a hook made `requires_grad_()`."""
+    return tree_map_only(torch.Tensor, torch.Tensor.detach, model(*args, **kwargs))
+
+
+def _drop_output_detaches(gm: fx.GraphModule) -> None:
+    """Take `_call_detached`'s detach nodes out of the graph again: the graph then ends where the model does."""
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    detaches = [n for n in output.all_input_nodes if n.op == "call_method" and n.target == "detach"
+                or n.op == "call_function" and n.target is torch.Tensor.detach]
+    for node in detaches:
+        node.replace_all_uses_with(node.args[0])
+        if not node.users:
+            gm.graph.erase_node(node)
+    if detaches:
+        gm.recompile()
+
+
+def _logger_methods() -> set[Any]:
+    """`logging.Logger`'s emitting methods, with those libraries add to it (transformers' `warning_once`)."""
+    names = ("debug", "info", "warning", "warn", "error", "exception", "critical", "log", "warning_once",
+             "warning_advice", "info_once")
+    return {getattr(logging.Logger, n) for n in names if hasattr(logging.Logger, n)}
 
 
 # ----------------------------------------------------------------------------------------------- hygiene

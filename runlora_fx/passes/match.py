@@ -36,7 +36,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from runlora_fx.passes.capture import Captured, capture
+from runlora_fx.passes.capture import Captured, CapturedGraph, capture
 from runlora_fx.passes.quant import Linear4bitCall, linear4bit, unsupported_base_reason
 from runlora_fx.passes.site import AdapterParams, AdapterSite, LoraParams, LoraSite, SkippedSite
 
@@ -87,10 +87,12 @@ class MatchResult:
 
 @dataclass
 class ModelMatch:
-    """`match_model`'s answer: what was captured and, per captured graph, what was matched."""
+    """`match_model`'s answer: what was captured and, per graph (`captured.all_graphs()`: the captured graphs and
+    the subgraphs of their checkpointed regions), what was matched; `graphs[i]` is the graph of `results[i]`."""
 
     captured: Captured
     results: list[MatchResult]
+    graphs: list[CapturedGraph] = field(default_factory=list)
 
     @property
     def sites(self) -> list[LoraSite]:
@@ -915,11 +917,12 @@ def _unclaimed_products(gm: fx.GraphModule, claimed: set[fx.Node], ctx: _Ctx) ->
 
 def match_model(model: nn.Module, example_inputs: tuple[Any, ...] | list[Any] = (),
                 example_kwargs: dict[str, Any] | None = None) -> ModelMatch:
-    """Capture `model` on one example call (see `capture`) and match every captured graph."""
+    """Capture `model` on one example call (see `capture`) and match every captured graph and subgraph."""
     captured = capture(model, example_inputs, example_kwargs)
     root = getattr(model, "_orig_mod", model)
-    results = [match_sites(g.gm, g.example_inputs, model=root) for g in captured]
-    return ModelMatch(captured, results)
+    graphs = captured.all_graphs()
+    results = [match_sites(g.gm, g.example_inputs, model=root) for g in graphs]
+    return ModelMatch(captured, results, graphs)
 
 
 def find_lora_params(model: nn.Module, example_inputs: tuple[Any, ...] | list[Any],
@@ -933,7 +936,7 @@ def find_lora_params(model: nn.Module, example_inputs: tuple[Any, ...] | list[An
     root = getattr(model, "_orig_mod", model)
     params: list[LoraParams] = []
     seen: set[tuple[int, ...]] = set()
-    for graph, result in zip(found.captured.graphs, found.results):
+    for graph, result in zip(found.graphs, found.results):
         for site in result.sites:
             p = site_params(site, graph.value_of, root)
             key = (id(p.weight), *(id(a.lora_a) for a in p.adapters))
