@@ -57,6 +57,7 @@ class SiteNames:
     adapters: tuple[tuple[str, str, str], ...]  # (A, B, lora_bias) per adapter
     adapter_names: tuple[str, ...]
     scales: tuple[float, ...]
+    weight_transposed: bool = False  # the weight is stored (i x o) (GPT-2 Conv1D): the node takes its (o x i) view
 
 
 def _attr(module: nn.Module, path: str, optional: bool = False) -> Any:
@@ -108,7 +109,7 @@ class PatchedSite:
         weight, bias, adapters = tensors
         return LoraParams(self.path, weight, bias, [AdapterParams(name, a, b, scale, lb) for name, scale, (a, b, lb)
                                                     in zip(self.names.adapter_names, self.names.scales, adapters)],
-                          self.module)
+                          self.module, weight_transposed=self.names.weight_transposed)
 
     def original(self) -> Callable[..., Any]:
         return self.original_forward or type(self.module).forward.__get__(self.module)
@@ -211,6 +212,9 @@ def _planned_tensors(site: PatchedSite, x: Any, args: tuple, kwargs: dict) -> Te
             and any(c.dropout > 0 for c in site.runner.adapters):
         return None  # dropout draws its mask in x's memory order there; the planned node draws it row-major
     bias, adapters = tensors[1], tensors[2]
+    if site.names.weight_transposed:
+        weight = weight.t()
+        tensors = (weight, bias, adapters)
     flat = [weight] + ([bias] if bias is not None else []) + [t for ad in adapters for t in ad if t is not None]
     return tensors if autocast.accepts(site.runner, x, flat, module) else None
 
@@ -270,7 +274,7 @@ def _site_names(module: nn.Module, params: LoraParams) -> SiteNames | None:
         return None
     adapters = [(a, b, lb or _bias_path(b)) for a, b, lb in adapters]
     return SiteNames(weight, bias or _bias_path(weight), tuple(adapters), tuple(a.name for a in params.adapters),
-                     tuple(float(a.scale) for a in params.adapters))
+                     tuple(float(a.scale) for a in params.adapters), params.weight_transposed)
 
 
 def _reason(model: nn.Module, module: nn.Module, site: LoraSite, graph: CapturedGraph, names: SiteNames | None,

@@ -92,3 +92,22 @@ def test_relora_merges_a_matched_conv1d_site_in_its_stored_layout():
     assert site.weight_transposed and site.weight is model.base.weight
     torch.testing.assert_close(model(x), y0, rtol=1e-12, atol=1e-12)  # the function is unchanged by the merge
     assert not model.lora_b.weight.any()
+
+
+@pytest.mark.parametrize("dtype,dropout", [(torch.float64, 0.0), (torch.float64, 0.1), (torch.float32, 0.1)])
+def test_optimize_plans_every_gpt2_lora_layer_and_equals_peft(dtype, dropout, monkeypatch):
+    import runlora_fx
+    from runlora_fx.api import optimized_sites
+
+    model = tiny_gpt2(dropout=dropout, dtype=dtype)
+    ref = copy.deepcopy(model)
+    runlora_fx.optimize(model, example_kwargs={"input_ids": ids()})
+    assert len(optimized_sites(model)) == 8
+    from runlora_fx.kernels.dense import LoraLinearRunner
+
+    planned, call = [], LoraLinearRunner.__call__  # count the planned runs: peft's own forward does not call them
+    monkeypatch.setattr(LoraLinearRunner, "__call__", lambda self, *a: planned.append(1) or call(self, *a))
+    got = loss_and_grads(model, ids())
+    assert len(planned) == 8
+    want = loss_and_grads(ref, ids())
+    assert_step_matches(got, want, None if dtype == torch.float64 else float64_truth(ref, ids()))
