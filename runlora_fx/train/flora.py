@@ -6,7 +6,8 @@ Flora keeps that projection but drops the adapter: the optimizer stores the mome
 that ``E[P^T P] = I``. P is never stored: it is regenerated on demand from a dedicated ``torch.Generator``
 seeded with :func:`projection_seed` of (seed, stream, parameter index, resample count), and resampling it (every
 ``kappa`` steps for the momentum, every update for accumulated gradients) makes the sum of updates high-rank
-although each stored state is rank ``rank``.
+although each stored state is rank ``rank``. Which matrices are compressed follows the authors (:func:`compressible`:
+smaller side >= 128, sides within 4x), so embeddings and output heads keep full state.
 
 * :class:`Flora` is Adafactor (transformers' semantics: factored second moment with ``beta2_t = 1 - t^decay_rate``,
   RMS update clipping, lr scaled by the parameter RMS, optional relative step) with compressed momentum.
