@@ -9,7 +9,7 @@ updates) should beat no momentum. The script checks both before it reports anyth
 
 * ``full momentum beats no momentum``: at each one's best lr, the mean over seeds of the test loss of Adafactor
   ``beta1=0.9`` is at least ``--margin`` (relative) below Adafactor ``beta1=None``'s;
-* ``LoRA trails full rank``: LoRA at rank ``tau`` (every ``tau``) is at least ``--margin`` above full momentum.
+* ``LoRA trails full rank``: LoRA at every rank run is at least ``--margin`` above full momentum (best lr each).
 
 Methods (all Adafactor with absolute lr, ``scale_parameter=False``, 5% linear warmup then constant):
 ``adafactor`` (full momentum), ``no-momentum`` (``beta1=None``), ``flora(tau, kappa)`` (momentum compressed to
@@ -20,13 +20,13 @@ chosen per method on the seed-mean validation loss; the test loss there is repor
 (half the max - min over seeds). Losses are mean-squared errors on fixed held-out samples (noise-free targets).
 
 Accumulation (``--accumulation``): each batch split into ``--micro-batches`` micro-batches, accumulated by
-``FloraAccumulator(rank=--acc-rank)`` or plainly, with the same optimizer (Adafactor, full momentum), the same
+``FloraAccumulator(rank)`` for each of ``--acc-ranks`` or plainly, with the same optimizer (Adafactor, full momentum), the same
 samples, lrs (``--acc-lrs``) and seeds. The
 accumulator's buffer bytes are measured after every micro-batch and compared with ``sum(rank * max(m, n)) *
 element_size`` over the compressed matrices (plain accumulation: ``sum(m * n) * element_size``).
 
-    OMP_NUM_THREADS=1 .venv/bin/python examples/flora_claims.py --accumulation --json flora_claims.json  # docs
-    OMP_NUM_THREADS=1 .venv/bin/python examples/flora_claims.py --steps 100 --lrs 1e-2 --seeds 0   # smoke
+    OMP_NUM_THREADS=1 .venv/bin/python examples/flora_claims.py --accumulation --json runs.json  # docs/FLORA.md
+    OMP_NUM_THREADS=1 .venv/bin/python examples/flora_claims.py --steps 50 --lrs 1e-2 --seeds 0 --accumulation --acc-lrs 1e-2  # smoke
 """
 from __future__ import annotations
 
@@ -245,7 +245,7 @@ def print_report(runs: list[dict], margin: float) -> dict:
             grid = "  ".join(f"{lr:g}:{v:.4f}" for lr, v in b["grid"].items())
             print(f"{name:<34}{b['lr']:>8g}{b['test_mean']:>11.4f}{b['test_spread']:>9.4f}{b['state_bytes']:>11,}   "
                   f"{grid}")
-    acc = [r for r in runs if r["micro_batches"] > 1]
+    acc = list({(name_of(r), r["lr"], r["seed"]): r for r in runs if r["micro_batches"] > 1}.values())
     if acc:
         print("\naccumulation (Adafactor, full momentum; the same samples, split into micro-batches)")
         for r in sorted(acc, key=lambda r: (r["lr"], r["seed"], r["acc_rank"] or 0)):
@@ -274,7 +274,7 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=0.05, help="relative margin of the preconditions")
     parser.add_argument("--accumulation", action="store_true", help="also run the accumulation comparison")
     parser.add_argument("--micro-batches", type=int, default=8)
-    parser.add_argument("--acc-rank", type=int, default=32)
+    parser.add_argument("--acc-ranks", type=int, nargs="+", default=[32], help="FloraAccumulator ranks")
     parser.add_argument("--acc-lrs", type=float, nargs="+", default=[3e-3, 1e-2])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the runs here (rewritten after every run)")
@@ -319,7 +319,7 @@ def main() -> None:
     if args.accumulation:
         for s in args.seeds:
             for lr in args.acc_lrs:
-                for rank in (None, args.acc_rank):
+                for rank in (None, *args.acc_ranks):
                     record(train(tasks[s], "adafactor", lr, micro_batches=args.micro_batches, acc_rank=rank))
     print()
     print_report(runs, args.margin)
