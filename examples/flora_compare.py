@@ -27,7 +27,8 @@ are left out), split by file the same way (``finetune_files``).
     .venv/bin/python examples/flora_compare.py --steps 30 --lrs 1e-3 --kappas 10   # smoke test
     .venv/bin/python examples/flora_compare.py --finetune --kappas 50 1000 --jobs 2 --threads 1
 
-Results and their reading: docs/FLORA.md.
+Results and their reading: docs/FLORA.md. This task fails both preconditions of the momentum claim (LoRA at matched
+memory beats full momentum; momentum barely helps): examples/flora_claims.py tests the claims on one that meets them.
 """
 from __future__ import annotations
 

@@ -16,9 +16,6 @@ with the ones it holds now. On every call it checks that the module is still in 
 frozen base, a plain `forward(x)` call) and otherwise runs the original forward. A module is patched only when
 its forward computes exactly the site (nothing else) and a check call on the captured input gives the original's
 output.
-
-Plain trainable `nn.Linear` layers outside LoRA sites get a forward that, while a `FloraAccumulator` compresses
-their weight (checked per call), runs `kernels.flora_linear`: the weight gradient is produced compressed.
 """
 from __future__ import annotations
 
@@ -34,7 +31,6 @@ from torch import nn
 from .config import OptimizeConfig
 from .kernels import autocast
 from .kernels.dense import LoraLinearRunner
-from .kernels.flora_linear import FloraLinearRunner, is_plain_linear
 from .passes.capture import CapturedGraph
 from .passes.match import ModelMatch, match_model, site_params
 from .passes.eligibility import rewrite_reason, runner_for, x_readers
@@ -144,23 +140,9 @@ class PlannedForward:
 
 
 @dataclass
-class PatchedFloraLinear:
-    """A plain trainable `nn.Linear` whose forward was replaced by the Flora compressed-gradient runner (same
-    patch fields as `PatchedSite`, so `_unpatch` and `_original_forwards` handle both)."""
-
-    path: str
-    module: nn.Module
-    runner: FloraLinearRunner
-    original_forward: Callable[..., Any] | None
-    had_instance_forward: bool
-    planned_forward: Callable[..., Any] | None = None
-
-
-@dataclass
 class OptimizedState:
     config: OptimizeConfig
     patched: list[PatchedSite] = field(default_factory=list)
-    flora: list[PatchedFloraLinear] = field(default_factory=list)  # plain linears for FloraAccumulator
     skipped: list[SkippedSite] = field(default_factory=list)
     pending_hook: _PlanOnFirstCall | None = None  # the forward pre-hook waiting for the first real call
 
@@ -335,43 +317,7 @@ def _patch(module: nn.Module, decision: SiteDecision, config: OptimizeConfig) ->
     return patched
 
 
-
-def _flora_forward(site: PatchedFloraLinear) -> Callable[..., Any]:
-    original = site.original_forward or type(site.module).forward.__get__(site.module)
-
-    def forward(x, *args, **kwargs):
-        if args or kwargs:
-            return original(x, *args, **kwargs)
-        return site.runner(site.module, x, original)
-
-    forward.__runlora_fx__ = True
-    return forward
-
-
-def _patch_flora_linears(model: nn.Module, state: OptimizedState, filter_fn: FilterFn | None) -> None:
-    """Patch every plain `nn.Linear` with a trainable weight that is not inside a LoRA layer's module (planned,
-    or matched and left alone; a skipped product without an owning module, path "", excludes nothing).
-
-    Whether a call uses the compressed-gradient node is decided per call (an accumulator compresses the weight
-    right now, training, grad enabled, and cheaper by the plan), so the accumulator may be created after this.
-    The node computes exactly `nn.Linear`'s function, so patching a linear the LoRA pass did not claim is safe.
-    """
-    lora_paths = [s.path for s in state.patched] + [s.module_path for s in state.skipped if s.module_path]
-
-    def in_lora_site(path: str) -> bool:
-        return any(path == p or path.startswith(p + ".") for p in lora_paths)
-
-    for path, module in model.named_modules():
-        if not is_plain_linear(module) or not module.weight.requires_grad or "forward" in module.__dict__:
-            continue
-        if in_lora_site(path) or (filter_fn is not None and not filter_fn(module, path)):
-            continue
-        site = PatchedFloraLinear(path, module, FloraLinearRunner(), None, False)
-        site.planned_forward = module.forward = _flora_forward(site)
-        state.flora.append(site)
-
-
-def _unpatch(site: PatchedSite | PatchedFloraLinear) -> None:
+def _unpatch(site: PatchedSite) -> None:
     if site.had_instance_forward:
         site.module.forward = site.original_forward
     else:
@@ -428,9 +374,7 @@ def _optimize_now(model: nn.Module, state: OptimizedState, example_inputs: tuple
         _unpatch(site)
         state.patched.remove(site)
         state.skipped.append(SkippedSite(site.path, "the planned forward disagreed with the original on the captured input"))
-    _patch_flora_linears(model, state, filter_fn)
-    log.info("runlora_fx.optimize: %d sites planned, %d left alone, %d plain linears ready for Flora", len(state.patched),
-             len(state.skipped), len(state.flora))
+    log.info("runlora_fx.optimize: %d sites planned, %d left alone", len(state.patched), len(state.skipped))
 
 
 class _PlanOnFirstCall:
@@ -484,10 +428,7 @@ def optimize(model: nn.Module, example_inputs: tuple | OptimizeConfig | None = N
         call (that call then runs the planned model).
     config: an `OptimizeConfig` (torchao `quantize_` style: `optimize(model, config)` works too); `options`
         (objective, memory_budget, time_slack, strategy) are sugar for one. Unknown names raise.
-    filter_fn(module, path): return False to leave a site (or a plain linear, see below) alone.
-    Plain trainable `nn.Linear` layers outside LoRA sites are patched too: while a `FloraAccumulator` compresses
-    their weight, a planned backward produces the compressed gradient directly (see docs/FLORA.md);
-    `flora_linears(model)` lists them.
+    filter_fn(module, path): return False to leave a site alone.
     Calling it again with the same config is a no-op; with another it re-plans.
     """
     if not isinstance(model, nn.Module):
@@ -522,7 +463,7 @@ def restore(model: nn.Module) -> nn.Module:
         return model
     if state.pending_hook is not None:
         _remove_pre_hook(model, state.pending_hook)
-    for site in state.patched + state.flora:
+    for site in state.patched:
         _unpatch(site)
     delattr(model, _STATE)
     return model
@@ -531,7 +472,7 @@ def restore(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def _original_forwards(model: nn.Module):
     """Temporarily give every patched module its original forward back."""
-    patched = optimized_sites(model) + flora_linears(model)
+    patched = optimized_sites(model)
     for site in patched:
         _unpatch(site)
     try:
@@ -545,12 +486,6 @@ def optimized_sites(model: nn.Module) -> list[PatchedSite]:
     """The sites `optimize` patched on `model` (empty if none)."""
     state = getattr(model, _STATE, None)
     return list(state.patched) if state is not None else []
-
-
-def flora_linears(model: nn.Module) -> list[PatchedFloraLinear]:
-    """The plain linears `optimize` patched for Flora's compressed gradients (each has `.runner.last_plan`)."""
-    state = getattr(model, _STATE, None)
-    return list(state.flora) if state is not None else []
 
 
 # ----------------------------------------------------------------------------------------------- explain

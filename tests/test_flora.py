@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -9,11 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runlora_fx.train import Flora
-from runlora_fx.train.flora import compress, decompress, projection_seed, random_projection
+from runlora_fx.train.flora import compress, compressible, decompress, projection_seed, random_projection
 
 Adafactor = pytest.importorskip("transformers.optimization").Adafactor
 
 F64 = torch.float64
+# The rule these small-shape tests were written for: every 2-D matrix with min(shape) >= rank is compressed
+# (the default follows the authors: min side >= 128, sides within 4x; tested in its own section).
+EVERY_MATRIX = dict(min_size=0, max_aspect_ratio=math.inf)
 
 
 def _params(shapes, dtype=F64, seed=0):
@@ -66,7 +70,7 @@ def test_compress_runs_along_the_smaller_dimension(m, n, rank):
 def test_flora_projection_is_identical_across_calls_and_optimizers_with_the_same_seed():
     def stepped(seed):
         params = _params([(6, 10), (12, 5)])
-        opt = Flora(params, lr=1e-2, rank=3, seed=seed)
+        opt = Flora(params, lr=1e-2, rank=3, seed=seed, **EVERY_MATRIX)
         _step(opt, params, _grads(params, 0))
         return opt, params
 
@@ -127,7 +131,7 @@ def test_compressed_trajectory_equals_the_algorithm_by_hand(shape):
     """
     b1, kappa, rank, lr, clip = 0.8, 2, 2, 1e-2, 0.7
     (p,), (q,) = _params([shape]), _params([shape])
-    flora = Flora([p], lr=lr, rank=rank, kappa=kappa, beta1=b1, clip_threshold=clip, scale_parameter=False)
+    flora = Flora([p], lr=lr, rank=rank, kappa=kappa, beta1=b1, clip_threshold=clip, scale_parameter=False, **EVERY_MATRIX)
     plain = Adafactor([q], lr=1.0, beta1=None, clip_threshold=1e30, relative_step=False, scale_parameter=False)
     expected = p.detach().clone()
     c = torch.zeros(rank, max(shape), dtype=F64)
@@ -160,7 +164,7 @@ def test_transfer_equals_decompress_with_old_then_compress_with_new(shape):
     """A zero gradient on the transfer step makes the pre-transfer state b1 * C exactly."""
     b1, kappa = 0.9, 3
     (p,) = _params([shape])
-    opt = Flora([p], lr=1e-2, rank=4, kappa=kappa, beta1=b1)
+    opt = Flora([p], lr=1e-2, rank=4, kappa=kappa, beta1=b1, **EVERY_MATRIX)
     for t in range(kappa - 1):
         _step(opt, [p], _grads([p], t))
     old_p, old_c = opt.projection(p), opt.state[p]["exp_avg_proj"].clone()
@@ -174,7 +178,7 @@ def test_transfer_equals_decompress_with_old_then_compress_with_new(shape):
 
 def test_kappa_controls_when_the_projection_changes():
     (p,) = _params([(8, 8)])
-    opt = Flora([p], lr=1e-2, rank=2, kappa=3)
+    opt = Flora([p], lr=1e-2, rank=2, kappa=3, **EVERY_MATRIX)
     seen = []
     for t in range(7):
         _step(opt, [p], _grads([p], t))
@@ -204,7 +208,7 @@ def _formula_numel(shape, rank, beta1):
 )
 def test_state_bytes_equal_the_formula(shapes, rank, beta1, dtype):
     params = _params(shapes, dtype)
-    opt = Flora(params, lr=1e-2, rank=rank, beta1=beta1)
+    opt = Flora(params, lr=1e-2, rank=rank, beta1=beta1, **EVERY_MATRIX)
     _step(opt, params, _grads(params, 0))
     size = torch.finfo(dtype).bits // 8
     assert opt.state_bytes() == size * sum(_formula_numel(s, rank, beta1) for s in shapes)
@@ -214,10 +218,65 @@ def test_state_bytes_equal_the_formula(shapes, rank, beta1, dtype):
 
 def test_compressed_state_of_a_large_matrix_is_rank_times_max_plus_m_plus_n():
     (p,) = _params([(64, 256)], torch.float32)
-    opt = Flora([p], lr=1e-2, rank=8)
+    opt = Flora([p], lr=1e-2, rank=8, **EVERY_MATRIX)
     _step(opt, [p], _grads([p], 0))
     assert opt.state_bytes() == 4 * (8 * 256 + 64 + 256)
     assert opt.state[p]["exp_avg_proj"].shape == (8, 256)
+
+
+# -- which parameters are compressed: the authors' thresholds ------------------------------------------------
+
+# name: (shape, compressed by default at rank 8). Sizes of a small LLM's parameter kinds.
+KINDS = {
+    "embedding": ((1000, 128), False),  # sides differ by 7.8x > 4
+    "lm_head": ((128, 1000), False),
+    "attention": ((128, 128), True),
+    "mlp": ((352, 128), True),  # 2.75x
+    "mlp, 4x": ((128, 512), True),  # exactly 4x: compressed (the authors skip only > 4x)
+    "small": ((64, 96), False),  # smaller side 64 < 128
+    "norm": ((128,), False),
+}
+
+
+def _kind_numel(shape, rank, compressed):
+    """Flora's state numbers (beta1 = 0.9): compressed ``rank max + m + n``, else momentum ``m n`` + ``m + n``."""
+    if len(shape) == 1:
+        return 2 * shape[0]
+    m, n = shape
+    return (rank * max(m, n) if compressed else m * n) + m + n
+
+
+@pytest.mark.parametrize("options,also", [({}, set()), (dict(min_size=64), {"small"}),
+                                          (dict(max_aspect_ratio=8), {"embedding", "lm_head"})])
+def test_state_of_each_kind_of_parameter_equals_the_formula(options, also):
+    rank = 8
+    params = _params([shape for shape, _ in KINDS.values()], torch.float32)
+    opt = Flora(params, lr=1e-2, rank=rank, **options)
+    _step(opt, params, _grads(params, 0))
+    for (name, (shape, default)), p in zip(KINDS.items(), params):
+        compressed = default or name in also
+        state = opt.state[p]
+        assert ("exp_avg_proj" in state) == compressed, name
+        assert sum(t.nbytes for t in state.values() if isinstance(t, torch.Tensor)) == \
+            4 * _kind_numel(shape, rank, compressed), name
+    assert opt.state_bytes() == 4 * sum(_kind_numel(shape, rank, default or name in also)
+                                        for name, (shape, default) in KINDS.items())
+
+
+def test_compressible_boundaries():
+    t = lambda *shape: torch.empty(shape)
+    assert compressible(t(128, 512), 8) and not compressible(t(128, 513), 8)
+    assert not compressible(t(127, 300), 8) and compressible(t(127, 300), 8, min_size=127)
+    assert not compressible(t(128, 128), 129)  # the rank still bounds the smaller side
+    assert not compressible(t(128, 128, 2), 8) and not compressible(t(128), 8)
+    assert compressible(t(2, 1000), 2, min_size=0, max_aspect_ratio=math.inf)
+
+
+def test_thresholds_can_differ_per_param_group():
+    big, small = _params([(128, 128), (64, 64)], torch.float32)
+    opt = Flora([{"params": [big]}, {"params": [small], "min_size": 0}], lr=1e-2, rank=8)
+    _step(opt, [big, small], _grads([big, small], 0))
+    assert "exp_avg_proj" in opt.state[big] and "exp_avg_proj" in opt.state[small]
 
 
 # -- options and errors -----------------------------------------------------------------------------------
@@ -234,11 +293,11 @@ def test_beta1_none_keeps_no_momentum():
 
 def test_state_dict_round_trip_continues_identically():
     a = _params([(6, 10), (10,)])
-    opt = Flora(a, lr=1e-2, rank=3, kappa=2)
+    opt = Flora(a, lr=1e-2, rank=3, kappa=2, **EVERY_MATRIX)
     for t in range(3):
         _step(opt, a, _grads(a, t))
     b = [x.detach().clone().requires_grad_() for x in a]
-    opt_b = Flora(b, lr=1e-2, rank=3, kappa=2)
+    opt_b = Flora(b, lr=1e-2, rank=3, kappa=2, **EVERY_MATRIX)
     opt_b.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch shares state tensors otherwise
     for t in range(3, 6):
         _step(opt, a, _grads(a, t))
@@ -272,6 +331,9 @@ def test_sparse_gradient_is_a_clear_error():
         (dict(eps=(1e-30, -1.0)), "eps"),
         (dict(weight_decay=-1.0), "weight_decay"),
         (dict(seed=-1), "seed"),
+        (dict(min_size=-1), "min_size"),
+        (dict(min_size=1.5), "min_size"),
+        (dict(max_aspect_ratio=0.5), "max_aspect_ratio"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
@@ -283,6 +345,8 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
 def test_bad_option_in_a_param_group_is_caught():
     with pytest.raises(ValueError, match="rank"):
         Flora([{"params": _params([(3, 3)]), "rank": 0}], lr=1e-2, rank=2)
+    with pytest.raises(ValueError, match="max_aspect_ratio"):
+        Flora([{"params": _params([(3, 3)]), "max_aspect_ratio": 0}], lr=1e-2, rank=2)
 
 
 def test_module_doctests():

@@ -11,6 +11,9 @@ from torch import nn
 
 from runlora_fx.train import Flora, FloraAccumulator
 
+# Compress every 2-D matrix with min(shape) >= rank (these shapes are below the authors' default thresholds).
+EVERY_MATRIX = dict(min_size=0, max_aspect_ratio=float("inf"))
+
 pytestmark = pytest.mark.slow
 
 WORLD, MICRO, UPDATES, RANK = 2, 2, 3, 3  # micro-batches per process per update; projection rank
@@ -28,8 +31,8 @@ def _micro_batch(update, index):
 
 def _train(model, params, micro_batches_of, micro_per_update, acc_model):
     """UPDATES updates of Flora on compressed accumulated grads; returns the parameters."""
-    acc = FloraAccumulator(acc_model, rank=RANK, accumulation_steps=micro_per_update, seed=7)
-    opt = Flora(params, lr=1e-2, rank=RANK, kappa=2, seed=7)
+    acc = FloraAccumulator(acc_model, rank=RANK, **EVERY_MATRIX, accumulation_steps=micro_per_update, seed=7)
+    opt = Flora(params, lr=1e-2, rank=RANK, **EVERY_MATRIX, kappa=2, seed=7)
     for u in range(UPDATES):
         for x, y in micro_batches_of(u):
             (nn.functional.mse_loss(model(x), y) / micro_per_update).backward()

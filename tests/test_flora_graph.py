@@ -1,13 +1,15 @@
-"""optimize(model) + FloraAccumulator: plain trainable linears produce their compressed weight gradient directly.
+"""FloraAccumulator(planned_backward=True): plain trainable linears produce their compressed weight gradient directly.
 
-The optimized model must give the same decompressed gradients as the accumulator's hook path (float64 to 1e-12,
+The planned model must give the same decompressed gradients as the accumulator's hook path (float64 to 1e-12,
 float32 within the rounding bound), never form or save an o x i weight gradient between syncs, take the direct
 program only where the cost rule says it is cheaper, and fall back to the plain linear whenever the node does not
-apply (no_grad, eval, accumulator removed). The cost rule itself is tested for both outcomes.
+apply (no_grad, eval, accumulator removed). The cost rule itself is tested for both outcomes. `optimize()` does
+not touch plain linears at all (a model that does not use Flora keeps its forwards and pickles).
 """
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -15,12 +17,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import runlora_fx
-from runlora_fx.api import flora_linears
 from runlora_fx.kernels import flora_linear
+from runlora_fx.kernels.flora_linear import active_accumulator
 from runlora_fx.planner.compressed_grad import flops_rule, plan_compressed_grad
 from runlora_fx.planner.device import DeviceProfile, default_profile
 from runlora_fx.train import FloraAccumulator
-from runlora_fx.train.flora import active_accumulator, compress
+from runlora_fx.train.flora import compress
 
 F64, F32 = torch.float64, torch.float32
 RANK, BATCH, SEQ = 2, 2, 4
@@ -82,6 +84,19 @@ def optimize(model, dtype=F64):
     return runlora_fx.optimize(model, (torch.randn(BATCH, SEQ, 6, dtype=dtype),))
 
 
+def accumulator(model, planned=False, **kwargs):
+    """An accumulator at RANK that compresses Net's small layers (below the authors' min_size of 128)."""
+    return FloraAccumulator(model, rank=RANK, min_size=0, planned_backward=planned, **kwargs)
+
+
+def planned(model, **kwargs):
+    return accumulator(model, planned=True, **kwargs)
+
+
+def _runner(acc, name):
+    return next(s.runner for s in acc.planned if s.path == name)
+
+
 class OutputShapes(TorchDispatchMode):
     """Records the shape of every tensor an op produces (run around a backward), except views of ``exclude``
     (the parameters: a detach or transpose of a weight is not a new o x i tensor)."""
@@ -99,9 +114,21 @@ class OutputShapes(TorchDispatchMode):
         return out
 
 
+def test_optimize_leaves_plain_linears_alone_and_the_model_pickles():
+    """A model that does not use Flora: optimize() touches none of its plain linears, and it still pickles.
+
+    (Not Net: its down -> mid pair is a rank-5 product that optimize records as skipped, with FX nodes.)"""
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+    runlora_fx.optimize(model, (torch.randn(BATCH, SEQ, 6, dtype=F64),))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 3 and all("forward" not in m.__dict__ for m in linears)
+    torch.save(model, io.BytesIO())
+
+
 def test_plain_linears_are_found_and_the_planner_splits_them():
-    model = optimize(make())
-    assert sorted(s.path for s in flora_linears(model)) == sorted(LINEARS)
+    model = make()
+    acc = planned(model)
+    assert sorted(s.path for s in acc.planned) == sorted(LINEARS)
     assert {name: expected_choice(getattr(model, name)) for name in LINEARS} == {
         "up": "direct", "down": "direct", "mid": "direct", "head": "direct", "tail": "full"}
 
@@ -113,12 +140,14 @@ def test_float64_equals_the_hook_path_and_never_forms_the_weight_gradient(x_grad
     model, ref = make(), make()
     if order == "optimize_first":
         optimize(model)
-        acc = FloraAccumulator(model, rank=RANK, accumulation_steps=k)
+        acc = planned(model, accumulation_steps=k)
     else:
-        acc = FloraAccumulator(model, rank=RANK, accumulation_steps=k)
+        acc = planned(model, accumulation_steps=k)
         optimize(model)
-    ref_acc = FloraAccumulator(ref, rank=RANK, accumulation_steps=k)
-    runners = {s.path: s.runner for s in flora_linears(model)}
+    ref_acc = accumulator(ref, accumulation_steps=k)
+    runners = {s.path: s.runner for s in acc.planned}
+    for runner in runners.values():  # optimize's capture call (accumulator_first) ran them once, forward only
+        runner.calls = dict.fromkeys(runner.calls, 0)
     direct = {n for n in LINEARS if expected_choice(getattr(model, n)) == "direct"}
     weights = {getattr(model, n).weight: n for n in LINEARS}
     for w in range(windows):
@@ -164,7 +193,7 @@ def test_float64_equals_the_hook_path_and_never_forms_the_weight_gradient(x_grad
 def test_the_shape_detector_sees_the_hook_path_form_the_weight_gradient():
     """The check above is meaningful: the hook path does make an o x i tensor in backward."""
     ref = make()
-    FloraAccumulator(ref, rank=RANK, accumulation_steps=2)
+    accumulator(ref, accumulation_steps=2)
     shapes = OutputShapes(exclude=list(ref.parameters()))
     with shapes:
         loss(ref, batches(1)[0], 2).backward()
@@ -184,9 +213,8 @@ def _abs_bound(name, layer_inputs, layer_grads, proj):
 def test_float32_is_within_the_rounding_bound_of_the_hook_path():
     k = 2
     model, ref = make(F32), make(F32)
-    optimize(model, F32)
-    acc = FloraAccumulator(model, rank=RANK, accumulation_steps=k)
-    FloraAccumulator(ref, rank=RANK, accumulation_steps=k)
+    acc = planned(model, accumulation_steps=k)
+    accumulator(ref, accumulation_steps=k)
     projections = {n: acc.projection(getattr(model, n).weight) for n in LINEARS}
     inputs, grads = {n: [] for n in LINEARS}, {n: [] for n in LINEARS}
     for n in LINEARS:
@@ -220,16 +248,11 @@ def test_compressed_weight_grad_equals_compressing_the_full_gradient():
 # ------------------------------------------------------------------------------------------------- fallbacks
 
 
-def _runner(model, name):
-    return next(s.runner for s in flora_linears(model) if s.path == name)
-
-
 def test_no_grad_and_eval_run_the_plain_linear():
     model, ref = make(), make()
-    optimize(model)
-    acc = FloraAccumulator(model, rank=RANK, accumulation_steps=2)
-    FloraAccumulator(ref, rank=RANK, accumulation_steps=2)
-    up = _runner(model, "up")
+    acc = planned(model, accumulation_steps=2)
+    accumulator(ref, accumulation_steps=2)
+    up = _runner(acc, "up")
     x, y = batches(1)[0]
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
@@ -249,26 +272,45 @@ def test_no_grad_and_eval_run_the_plain_linear():
 
 def test_after_remove_the_layer_is_plain_again():
     model, ref = make(), make()
-    optimize(model)
-    acc = FloraAccumulator(model, rank=RANK, accumulation_steps=3)
+    acc = planned(model, accumulation_steps=3)
     batch = batches(1)[0]
     assert active_accumulator(model.up.weight) is acc
+    up = _runner(acc, "up")
     acc.remove()
     assert active_accumulator(model.up.weight) is None
     loss(model, batch, 1).backward()
     loss(ref, batch, 1).backward()
-    assert _runner(model, "up").calls == {"direct": 0, "full": 0, "plain": 1}
+    assert up.calls == {"direct": 0, "full": 0, "plain": 0} and "forward" not in model.up.__dict__  # its own forward
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)  # full, uncompressed gradients
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_planned_model_without_accumulator_runs_the_plain_linear(how):
+    """The copy's parameters are compressed by no accumulator: its planned linears fall back to the plain one."""
+    model, ref = make(), make()
+    planned(model, accumulation_steps=3)
+    if how == "deepcopy":
+        clone = copy.deepcopy(model)
+    else:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        clone = torch.load(buf, weights_only=False)
+    batch = batches(1)[0]
+    loss(clone, batch, 1).backward()
+    loss(ref, batch, 1).backward()
+    assert clone.up.forward.runner.calls == {"direct": 0, "full": 0, "plain": 1}
+    for p, q in zip(clone.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+
+
 def test_removed_between_forward_and_backward_gives_the_full_gradient():
     model, ref = make(), make()
-    optimize(model)
-    acc = FloraAccumulator(model, rank=RANK, accumulation_steps=3)
+    acc = planned(model, accumulation_steps=3)
     batch = batches(1)[0]
     out = loss(model, batch, 1)
-    assert _runner(model, "up").calls["direct"] == 1
+    assert _runner(acc, "up").calls["direct"] == 1
     acc.remove()
     out.backward()
     loss(ref, batch, 1).backward()
@@ -279,9 +321,8 @@ def test_removed_between_forward_and_backward_gives_the_full_gradient():
 def test_a_stale_grad_is_folded_like_the_hook_does():
     """zero_grad(set_to_none=False) leaves a zero .grad: the hook compresses it away, so must the node."""
     model, ref = make(), make()
-    optimize(model)
-    FloraAccumulator(model, rank=RANK, accumulation_steps=2)
-    FloraAccumulator(ref, rank=RANK, accumulation_steps=2)
+    planned(model, accumulation_steps=2)
+    accumulator(ref, accumulation_steps=2)
     for m in (model, ref):
         for p in m.parameters():
             p.grad = torch.ones_like(p)
@@ -295,32 +336,52 @@ def test_a_stale_grad_is_folded_like_the_hook_does():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
 
 
-def test_restore_unpatches_and_frozen_or_subclassed_linears_are_left_alone():
+def test_remove_unplans_and_frozen_or_subclassed_linears_are_left_alone():
     class Sub(nn.Linear):
         pass
 
     model = make()
     model.extra = Sub(2, 2)
     model.frozen = nn.Linear(2, 2).requires_grad_(False)
-    optimize(model)
-    assert sorted(s.path for s in flora_linears(model)) == sorted(LINEARS)
+    acc = planned(model)
+    assert sorted(s.path for s in acc.planned) == sorted(LINEARS)
     assert all("forward" in getattr(model, n).__dict__ for n in LINEARS)
-    runlora_fx.restore(model)
+    acc.remove()
     assert all("forward" not in getattr(model, n).__dict__ for n in LINEARS)
-    assert flora_linears(model) == [] and not hasattr(model, "_runlora_fx")
+    assert acc.planned == [] and not hasattr(model, "_runlora_fx")
 
 
-def test_filter_fn_excludes_a_linear():
-    model = runlora_fx.optimize(make(), (torch.randn(BATCH, SEQ, 6, dtype=F64),),
-                                filter_fn=lambda module, path: path != "mid")
-    assert sorted(s.path for s in flora_linears(model)) == sorted(set(LINEARS) - {"mid"})
+def test_a_filter_excludes_a_linear():
+    acc = accumulator(make(), planned=lambda module, path: path != "mid")
+    assert sorted(s.path for s in acc.planned) == sorted(set(LINEARS) - {"mid"})
 
 
-def _accumulate_beside_the_plain_model(compiled, model, ref, k):
-    """k micro-batches through `compiled` (wrapping `model`) and through the plain `ref`, each with its own
-    accumulator: the weight gradient stays compressed until the sync, and the synced grads agree in float64."""
-    FloraAccumulator(model, rank=RANK, accumulation_steps=k)
-    FloraAccumulator(ref, rank=RANK, accumulation_steps=k)
+def test_the_planned_backward_is_opt_in_and_follows_the_thresholds():
+    model = make()
+    accumulator(model)  # planned_backward=False
+    assert all("forward" not in getattr(model, n).__dict__ for n in LINEARS)
+    acc = FloraAccumulator(model, rank=RANK, planned_backward=True)  # authors' min_size 128: nothing compressed
+    assert acc.planned == [] and not any(acc.compressed(p) for p in model.parameters())
+    with pytest.raises(ValueError, match="planned_backward"):
+        FloraAccumulator(model, rank=RANK, planned_backward="yes")
+
+
+def test_the_kernel_layer_does_not_import_the_training_layer():
+    """Dependencies point train -> kernels only: the registry of active accumulators lives in the kernel."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(flora_linear))
+    modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert modules and not any("train" in m for m in modules), modules
+
+
+def _accumulate_beside_the_plain_model(compiled, acc, model, ref, k):
+    """k micro-batches through `compiled` (wrapping `model`, accumulated by `acc`) and through the plain `ref`
+    with its own accumulator: the weight gradient stays compressed until the sync, and the synced grads agree in
+    float64."""
+    accumulator(ref, accumulation_steps=k)
     for j, batch in enumerate(batches(k)):
         loss(compiled, batch, k).backward()
         loss(ref, batch, k).backward()
@@ -337,7 +398,7 @@ def test_compiled_model_with_the_accumulator_uses_the_hook_path_correctly():
     k = 2
     model, ref = make(), make()
     compiled = torch.compile(model, backend=runlora_backend, options={"inner": "aot_eager"})
-    _accumulate_beside_the_plain_model(compiled, model, ref, k)
+    _accumulate_beside_the_plain_model(compiled, accumulator(model, accumulation_steps=k), model, ref, k)
 
 
 # ------------------------------------------------------------------------------------------------- the cost rule
@@ -373,29 +434,29 @@ def test_cost_rule_rejects_bad_shapes():
 
 def test_add_compressed_checks_its_arguments():
     model = make()
-    acc = FloraAccumulator(model, rank=RANK)
+    acc = accumulator(model)
     with pytest.raises(ValueError, match="compresses"):
         acc.add_compressed(model.up.bias, torch.zeros(RANK, 10, dtype=F64))
     with pytest.raises(ValueError, match="must be"):
         acc.add_compressed(model.up.weight, torch.zeros(RANK, 6, dtype=F64))
 
 
-def test_compiling_an_optimized_model_runs_the_patched_linears_eagerly():
-    """torch.compile over optimize(): each patched linear is a graph break (torch.compiler.disable), same grads."""
+def test_compiling_a_planned_model_runs_the_planned_linears_eagerly():
+    """torch.compile over planned linears: each is a graph break (torch.compiler.disable), same grads."""
     k = 2
     model, ref = make(), make()
-    optimize(model)
+    acc = planned(model, accumulation_steps=k)
     compiled = torch.compile(model, backend="aot_eager")
-    _accumulate_beside_the_plain_model(compiled, model, ref, k)
-    assert _runner(model, "up").calls["direct"] == k
+    _accumulate_beside_the_plain_model(compiled, acc, model, ref, k)
+    assert _runner(acc, "up").calls["direct"] == k
 
 
 def test_autocast_runs_the_plain_linear():
-    model = optimize(make(F32), F32)
-    FloraAccumulator(model, rank=RANK, accumulation_steps=2)
+    model = make(F32)
+    acc = planned(model, accumulation_steps=2)
     x, y = batches(1, F32)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
     nn.functional.mse_loss(out.float(), y).backward()
-    assert _runner(model, "up").calls == {"direct": 0, "full": 0, "plain": 1}
+    assert _runner(acc, "up").calls == {"direct": 0, "full": 0, "plain": 1}
     assert model.up.weight.grad is None  # the hook path compressed it

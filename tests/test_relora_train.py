@@ -130,7 +130,7 @@ def test_reset_flora_compressed_state():
 
     torch.manual_seed(0)
     w, v = nn.Parameter(torch.randn(12, 10)), nn.Parameter(torch.randn(10))
-    opt = Flora([w, v], lr=1e-2, rank=4)
+    opt = Flora([w, v], lr=1e-2, rank=4, min_size=0)  # 12 x 10: below the default min_size of 128
     for _ in range(3):
         (torch.randn(5, 10) @ w.T + v @ w.T).square().sum().backward()
         opt.step()

@@ -6,7 +6,8 @@ Flora keeps that projection but drops the adapter: the optimizer stores the mome
 that ``E[P^T P] = I``. P is never stored: it is regenerated on demand from a dedicated ``torch.Generator``
 seeded with :func:`projection_seed` of (seed, stream, parameter index, resample count), and resampling it (every
 ``kappa`` steps for the momentum, every update for accumulated gradients) makes the sum of updates high-rank
-although each stored state is rank ``rank``.
+although each stored state is rank ``rank``. Which matrices are compressed follows the authors (:func:`compressible`:
+smaller side >= 128, sides within 4x), so embeddings and output heads keep full state.
 
 * :class:`Flora` is Adafactor (transformers' semantics: factored second moment with ``beta2_t = 1 - t^decay_rate``,
   RMS update clipping, lr scaled by the parameter RMS, optional relative step) with compressed momentum.
@@ -19,15 +20,17 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable
-import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["Flora", "FloraAccumulator", "projection_seed", "random_projection", "compress", "decompress"]
+from ..kernels import flora_linear
+from ..kernels.flora_linear import PlannedLinear, compress, decompress, is_plain_linear, plan_linear
+
+__all__ = ["Flora", "FloraAccumulator", "compressible", "projection_seed", "random_projection", "compress",
+           "decompress"]
 
 _MASK64 = (1 << 64) - 1
 _MOMENTUM_STREAM = 0  # seeds for the optimizer's momentum projections
@@ -72,19 +75,20 @@ def random_projection(rank: int, dim: int, seed: int, device: torch.device | str
     return p.div_(math.sqrt(rank)).to(dtype)
 
 
-def compress(p: Tensor, x: Tensor) -> Tensor:
-    """Project the smaller dimension of the ``m x n`` matrix ``x``: ``rank x max(m, n)``."""
-    return p @ x if x.shape[0] <= x.shape[1] else p @ x.T
+# The authors' rule: no embedding-like matrices (sides differing by more than 4x; PyTorch and JAX code) and a
+# smaller side of at least 128 (JAX code, ``min_dim_size_to_factor``), so embeddings and heads keep full state.
+MIN_SIZE = 128
+MAX_ASPECT_RATIO = 4.0
 
 
-def decompress(p: Tensor, c: Tensor, shape: torch.Size | tuple[int, int]) -> Tensor:
-    """Inverse-in-expectation of :func:`compress`: ``P^T C`` laid back out as ``shape``."""
-    full = p.T @ c
-    return full if shape[0] <= shape[1] else full.T
-
-
-def _compressible(p: Tensor, rank: int) -> bool:
-    return p.dim() == 2 and min(p.shape) >= rank
+def compressible(p: Tensor, rank: int, min_size: int = MIN_SIZE, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> bool:
+    """Whether ``p`` is compressed: 2-D, smaller side at least ``rank`` and ``min_size``, and longer side at most
+    ``max_aspect_ratio`` times the smaller (``min_size=0, max_aspect_ratio=math.inf``: every 2-D ``p`` with
+    ``min(shape) >= rank``)."""
+    if p.dim() != 2:
+        return False
+    small, large = min(p.shape), max(p.shape)
+    return small >= max(rank, min_size) and large <= max_aspect_ratio * small
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,6 +104,11 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 def _check_real(name: str, value: Any, ok: Callable[[float], bool], what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(float(value)):
         raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _check_thresholds(min_size, max_aspect_ratio):
+    _check_int("min_size", min_size, 0)
+    _check_real("max_aspect_ratio", max_aspect_ratio, lambda v: v >= 1.0, ">= 1 (math.inf: no limit)")
 
 
 def _check_options(lr, rank, kappa, beta1, decay_rate, clip_threshold, eps, weight_decay, relative_step, seed):
@@ -137,7 +146,7 @@ def _clip_rms_(t: Tensor, threshold: float | Tensor) -> Tensor:
 
 
 class Flora(Optimizer):
-    """Adafactor whose momentum is stored as a random projection for every 2-D parameter with ``min(shape) >= rank``.
+    """Adafactor whose momentum is stored as a random projection for every :func:`compressible` parameter.
 
     With compression this follows the authors' code (BorealisAI/flora-opt, ``flora_step_``): with ``u`` the
     preconditioned gradient ``grad / sqrt(v_hat)`` (*not* clipped, not lr-scaled), the step is
@@ -149,6 +158,7 @@ class Flora(Optimizer):
     transformers' Adafactor with ``beta1`` (momentum of the clipped, lr-scaled update).
 
     Optimizer state of a compressed ``m x n`` matrix: ``rank * max(m, n) + m + n`` numbers (see :meth:`state_bytes`).
+    Which matrices are compressed follows the authors (``min_size``, ``max_aspect_ratio``, per param group too).
     ``beta1=None`` keeps no momentum at all. The seed mixes ``(seed, parameter index, resample count)``; the
     parameter index is the parameter's position across ``param_groups`` at construction.
     """
@@ -168,12 +178,16 @@ class Flora(Optimizer):
         scale_parameter: bool = True,
         factorize_second_moment: bool = True,
         seed: int = 0,
+        min_size: int = MIN_SIZE,
+        max_aspect_ratio: float = MAX_ASPECT_RATIO,
     ) -> None:
         _check_options(lr, rank, kappa, beta1, decay_rate, clip_threshold, eps, weight_decay, relative_step, seed)
+        _check_thresholds(min_size, max_aspect_ratio)
         defaults = dict(
             lr=lr, rank=rank, kappa=kappa, beta1=beta1, decay_rate=decay_rate, clip_threshold=clip_threshold,
             eps=tuple(eps), weight_decay=weight_decay, relative_step=relative_step,
             scale_parameter=scale_parameter, factorize_second_moment=factorize_second_moment,
+            min_size=min_size, max_aspect_ratio=max_aspect_ratio,
         )
         self.seed = int(seed)
         self._index: dict[Tensor, int] = {}
@@ -184,6 +198,7 @@ class Flora(Optimizer):
         g = self.param_groups[-1]
         _check_options(g["lr"], g["rank"], g["kappa"], g["beta1"], g["decay_rate"], g["clip_threshold"], g["eps"],
                        g["weight_decay"], g["relative_step"], self.seed)
+        _check_thresholds(g["min_size"], g["max_aspect_ratio"])
         for p in g["params"]:
             self._index.setdefault(p, len(self._index))
 
@@ -256,7 +271,7 @@ class Flora(Optimizer):
     def _init_state(self, p: Tensor, grad: Tensor, group: dict, state: dict) -> None:
         state["step"] = 0
         if group["beta1"] is not None:
-            if _compressible(grad, group["rank"]):
+            if compressible(grad, group["rank"], group["min_size"], group["max_aspect_ratio"]):
                 state["resamples"] = 0
                 state["exp_avg_proj"] = grad.new_zeros(group["rank"], max(grad.shape))
             else:
@@ -324,24 +339,10 @@ def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
-# Which accumulator compresses which parameter right now: parameter -> weakref to its (last registered, not yet
-# removed) FloraAccumulator. Weak on both sides, so it keeps neither a model nor an accumulator alive. The graph
-# pass (`runlora_fx.kernels.flora_linear`) reads it on every call of a patched linear.
-_ACTIVE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-
-
-def active_accumulator(p: Tensor) -> FloraAccumulator | None:
-    """The accumulator currently compressing ``p``'s gradient, or None (not registered, removed, or ``p`` too
-    small for its rank)."""
-    ref = _ACTIVE.get(p)
-    acc = ref() if ref is not None else None
-    return acc if acc is not None and acc.active and acc.compressed(p) else None
-
-
 class FloraAccumulator:
     """Accumulate gradients over micro-batches as ``sum_k P G_k`` (``rank x max(m, n)``) instead of ``sum_k G_k``.
 
-    A post-accumulate-grad hook on every 2-D parameter with ``min(shape) >= rank`` adds ``P G`` to its buffer and
+    A post-accumulate-grad hook on every :func:`compressible` parameter adds ``P G`` to its buffer and
     frees ``.grad``; at the end of the backward that syncs, every buffer is decompressed into ``.grad = P^T C``,
     so clipping, logging and any optimizer see an ordinary gradient. The projection is resampled every update
     (seeded by ``(seed, parameter index, update count)``, so all processes agree without communicating). Other
@@ -350,6 +351,11 @@ class FloraAccumulator:
     Which backward syncs: the ``accumulation_steps``-th since the last sync, or whatever ``sync()`` returns at the
     end of a backward. :meth:`attach` sets ``sync`` for a ``transformers.Trainer``. One ``backward()`` per
     micro-batch is assumed.
+
+    ``planned_backward=True`` (or a ``filter(module, path) -> bool``) also gives every plain ``nn.Linear`` whose
+    weight is compressed a forward whose backward produces ``P G`` without forming ``G`` (``kernels.flora_linear``;
+    equal to the hook path up to rounding); :meth:`remove` takes it off. Off by default: each such linear is a
+    graph break under ``torch.compile``.
 
     DistributedDataParallel: pass the DDP-wrapped model (or attach to a Trainer that wraps one). DDP's own
     gradient reduction is switched off while the accumulator is active (``require_backward_grad_sync = False``,
@@ -364,13 +370,21 @@ class FloraAccumulator:
         accumulation_steps: int = 1,
         seed: int = 0,
         sync: Callable[[], bool] | None = None,
+        min_size: int = MIN_SIZE,
+        max_aspect_ratio: float = MAX_ASPECT_RATIO,
+        planned_backward: bool | Callable[[nn.Module, str], bool] = False,
     ) -> None:
         _check_int("rank", rank, 1)
         _check_int("accumulation_steps", accumulation_steps, 1)
         _check_int("seed", seed, 0)
+        _check_thresholds(min_size, max_aspect_ratio)
         if sync is not None and not callable(sync):
             raise ValueError(f"sync must be a zero-argument callable or None, got {sync!r}")
+        if not (isinstance(planned_backward, bool) or callable(planned_backward)):
+            raise ValueError(f"planned_backward must be a bool or a callable (module, path) -> bool, got "
+                             f"{planned_backward!r}")
         self.rank, self.accumulation_steps, self.seed, self.sync = rank, accumulation_steps, seed, sync
+        self.min_size, self.max_aspect_ratio = min_size, max_aspect_ratio
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model has no parameter with requires_grad=True")
@@ -383,7 +397,8 @@ class FloraAccumulator:
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
         for p in self.params:
             if self.compressed(p):
-                _ACTIVE[p] = weakref.ref(self)
+                flora_linear.register(p, self)
+        self.planned: list[PlannedLinear] = self._plan_linears(model, planned_backward) if planned_backward else []
         if _is_ddp(model):
             self._own_ddp(model)
 
@@ -391,7 +406,7 @@ class FloraAccumulator:
 
     def compressed(self, p: Tensor) -> bool:
         """Whether ``p``'s accumulated gradient is kept compressed."""
-        return _compressible(p, self.rank)
+        return compressible(p, self.rank, self.min_size, self.max_aspect_ratio)
 
     def projection(self, p: Tensor, update: int | None = None) -> Tensor:
         """The projection for ``p`` in accumulation window ``update`` (default: the current one)."""
@@ -449,14 +464,15 @@ class FloraAccumulator:
         return self
 
     def remove(self) -> None:
-        """Remove the hooks, give gradient reduction back to DDP and drop any pending buffers."""
+        """Remove the hooks and planned linears, give gradient reduction back to DDP, drop any pending buffers."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
         for p in self.params:
-            ref = _ACTIVE.get(p)
-            if ref is not None and ref() is self:
-                del _ACTIVE[p]
+            flora_linear.unregister(p, self)
+        for linear in self.planned:
+            linear.remove()
+        self.planned.clear()
         self._buffers.clear()
         if self._ddp is not None:
             self._ddp.require_backward_grad_sync = True
@@ -469,6 +485,13 @@ class FloraAccumulator:
         self.remove()
 
     # -- hooks --------------------------------------------------------------------------------------------
+
+    def _plan_linears(self, model: nn.Module, choose: bool | Callable[[nn.Module, str], bool]) -> list[PlannedLinear]:
+        """The plain linears (with their class's forward) whose weight this accumulator compresses, planned."""
+        ids = {id(p) for p in self.params if self.compressed(p)}
+        return [plan_linear(path, module) for path, module in model.named_modules()
+                if is_plain_linear(module) and id(module.weight) in ids and "forward" not in module.__dict__
+                and (choose is True or choose(module, path))]
 
     def _own_ddp(self, ddp: nn.Module) -> None:
         self._ddp = ddp
