@@ -219,3 +219,49 @@ def test_explain_on_an_optimized_model_reports_its_sites_and_keeps_it_optimized(
     report = runlora_fx.explain(model, example_kwargs={"input_ids": tokens()})
     assert len(report.sites) == 7 and not report.any_graph_break
     assert q.forward is planned  # patched again afterwards
+
+
+def _agreement_models():
+    torch.manual_seed(0)
+    yield "peft llama", tiny_llama(0.05), {"example_kwargs": {"input_ids": tokens()}}, None
+    yield "peft llama, filter_fn", tiny_llama(0.0), {"example_kwargs": {"input_ids": tokens()}}, \
+        lambda module, path: "mlp" not in path
+    yield "torchtune", Wrapped(TorchtuneLoRALinear()), {"example_inputs": (torch.randn(3, 16),)}, None
+    yield "hand-written", Wrapped(HandWritten()), {"example_inputs": (torch.randn(3, 16),)}, None
+    yield "computes more", Wrapped(DoesMore()), {"example_inputs": (torch.randn(3, 16),)}, None
+    yield "whole model", HandWritten(), {"example_inputs": (torch.randn(3, 16),)}, None
+
+
+@pytest.mark.parametrize("name", ["peft llama", "peft llama, filter_fn", "torchtune", "hand-written",
+                                  "computes more", "whole model"])
+def test_explain_and_optimize_agree_on_every_site(name):
+    _, model, call, filter_fn = next(m for m in _agreement_models() if m[0] == name)
+    example = call.get("example_inputs", ())
+    report = runlora_fx.explain(model, example, example_kwargs=call.get("example_kwargs"), filter_fn=filter_fn)
+    runlora_fx.optimize(model, example, example_kwargs=call.get("example_kwargs"), filter_fn=filter_fn)
+    assert [r.module_path for r in report.sites] == [s.path for s in optimized_sites(model)]
+    assert {(s.module_path, s.reason) for s in report.skipped} == \
+        {(s.module_path, s.reason) for s in model._runlora_fx.skipped}
+
+
+def test_optimize_accepts_a_validated_config():
+    from runlora_fx.config import OptimizeConfig
+    from runlora_fx.planner.search import SearchOptions
+
+    config = OptimizeConfig(SearchOptions(objective="memory"))
+    assert OptimizeConfig.from_options({"objective": "memory"}) == config
+    assert config.search_options.objective == "memory"
+    model = tiny_llama(0.0)
+    runlora_fx.optimize(model, config, example_kwargs={"input_ids": tokens()})
+    assert model._runlora_fx.config is config and len(optimized_sites(model)) == 7
+    q = optimized_sites(model)[0].module.forward
+    runlora_fx.optimize(model, config=config, example_kwargs={"input_ids": tokens()})  # same config: a no-op
+    assert optimized_sites(model)[0].module.forward is q
+    with pytest.raises(ValueError, match="either config or options"):
+        runlora_fx.optimize(model, config, objective="time")
+    with pytest.raises(TypeError, match="OptimizeConfig"):
+        runlora_fx.optimize(model, config={"objective": "memory"})
+    with pytest.raises(TypeError, match="SearchOptions"):
+        OptimizeConfig({"objective": "memory"})
+    with pytest.raises(ValueError, match="objective"):
+        OptimizeConfig.from_options({"objective": "speed"})
