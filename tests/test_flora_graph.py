@@ -115,14 +115,15 @@ class OutputShapes(TorchDispatchMode):
 
 
 def test_optimize_leaves_plain_linears_alone_and_the_model_pickles():
-    """A model that does not use Flora: optimize() touches none of its plain linears, and it still pickles.
-
-    (Not Net: its down -> mid pair is a rank-5 product that optimize records as skipped, with FX nodes.)"""
-    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
-    runlora_fx.optimize(model, (torch.randn(BATCH, SEQ, 6, dtype=F64),))
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert len(linears) == 3 and all("forward" not in m.__dict__ for m in linears)
-    torch.save(model, io.BytesIO())
+    """A model that does not use Flora: optimize() touches none of its plain linears, and it still pickles
+    (Net too, whose down -> mid pair is a rank-5 product that optimize records as skipped)."""
+    for model, n in ((nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 2)), 3),
+                     (Net(), len(LINEARS))):
+        model = model.to(F64)
+        runlora_fx.optimize(model, (torch.randn(BATCH, SEQ, 6, dtype=F64),))
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        assert len(linears) == n and all("forward" not in m.__dict__ for m in linears)
+        torch.save(model, io.BytesIO())
 
 
 def test_plain_linears_are_found_and_the_planner_splits_them():
