@@ -34,35 +34,36 @@ def _shard(model):
     fully_shard(model)
 
 
-def _worker(rank, port, mode, out):
+def _worker(rank, port, out):
+    """One process: each mode on a fresh model (one process group for all three keeps the test short)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model = tiny_llama(0.0, torch.float64, layers=2)
-        ids = _batch(rank)
-        if mode == "ddp":
-            runlora_fx.optimize(model, example_kwargs={"input_ids": ids})
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        elif mode == "optimize_then_fully_shard":
-            runlora_fx.optimize(model, example_kwargs={"input_ids": ids})
-            _shard(model)
-            wrapped = model
-        else:
-            _shard(model)
-            runlora_fx.optimize(model, example_kwargs={"input_ids": ids})
-            wrapped = model
-        planned = len(optimized_sites(model))
-        reasons = {s.reason for s in model._runlora_fx.skipped}
-        wrapped(input_ids=ids, labels=ids).loss.backward()
-        grads = {}
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                g = p.grad
-                grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
-        torch.save((planned, reasons, grads), f"{out}.{rank}")
+        for mode in MODES:
+            torch.save(_step(rank, mode), f"{out}.{mode}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def _step(rank, mode):
+    model = tiny_llama(0.0, torch.float64, layers=2)
+    ids = _batch(rank)
+    if mode == "fully_shard_then_optimize":
+        _shard(model)
+    runlora_fx.optimize(model, example_kwargs={"input_ids": ids})
+    if mode == "optimize_then_fully_shard":
+        _shard(model)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if mode == "ddp" else model
+    planned = len(optimized_sites(model))
+    reasons = {s.reason for s in model._runlora_fx.skipped}
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            g = p.grad
+            grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    return planned, reasons, grads
 
 
 def _free_port():
@@ -71,16 +72,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_two_processes_equal_one_process(tmp_path, mode):
+def test_two_processes_equal_one_process(tmp_path):
     out = str(tmp_path / "grads")
-    torch.multiprocessing.start_processes(_worker, args=(_free_port(), mode, out), nprocs=WORLD, start_method="fork")
-    results = [torch.load(f"{out}.{r}") for r in range(WORLD)]
-
+    # fork: the children inherit the imported torch instead of importing it again (CPU only, so fork is safe)
+    torch.multiprocessing.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, start_method="fork")
     ref = tiny_llama(0.0, torch.float64, layers=2)
     loss = sum(ref(input_ids=_batch(r), labels=_batch(r)).loss for r in range(WORLD)) / WORLD
     loss.backward()
     want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for mode in MODES:
+        _check(mode, [torch.load(f"{out}.{mode}.{r}") for r in range(WORLD)], want)
+
+
+def _check(mode, results, want):
     for planned, reasons, grads in results:
         if mode == "fully_shard_then_optimize":  # captured on the unsharded parameters: left alone, and says so
             assert planned == 0 and reasons == {"a tensor of the site is not a parameter or buffer of its module"}
@@ -88,4 +92,4 @@ def test_two_processes_equal_one_process(tmp_path, mode):
             assert planned == 14 and not reasons
         assert grads.keys() == want.keys()
         for name in want:
-            torch.testing.assert_close(grads[name], want[name], rtol=1e-9, atol=1e-11, msg=name)
+            torch.testing.assert_close(grads[name], want[name], rtol=1e-9, atol=1e-11, msg=f"{mode}: {name}")
