@@ -55,11 +55,14 @@ def _plan(site: LoraSite, options: SearchOptions, readers: int, seed: bool):
     return search_fused(spec, options, get_profile(x.device), seed=seed)
 
 
-def plan_joint(sites: list[LoraSite], options: SearchOptions) -> tuple[JointPass, list[SkippedSite]]:
-    """Tag every plannable site and build the joint pass that applies its plan; the others, with reasons."""
+def plan_joint(sites: list[LoraSite], options: SearchOptions, codegen: bool = True) -> tuple[JointPass, list[SkippedSite]]:
+    """Tag every plannable site and build the joint pass that applies its plan; the others, with reasons.
+
+    A mask is regenerated from its seed only where inductor generates the code (`codegen`): the eager kernel of
+    `inductor_random` ignores its seed, and `fallback_random` keeps ATen's stateful draw."""
     plans, skipped = {}, []
     readers = x_readers(sites)
-    seed = not torch._inductor.config.fallback_random
+    seed = codegen and not torch._inductor.config.fallback_random
     for site in sites:
         reason = rewrite_reason(site)
         if reason is None and site.quant_compute_dtype is not None:
@@ -108,7 +111,7 @@ def runlora_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         if config.inner == "eager":
             return gm.forward
         return torch._dynamo.lookup_backend(config.inner)(gm, example_inputs)
-    pass_, not_planned = plan_joint(found.sites, config.search_options)
+    pass_, not_planned = plan_joint(found.sites, config.search_options, codegen=config.inner == "inductor")
     compiled = compile_joint(gm, example_inputs, pass_, config.inner)
     report = pass_.report
     left = [SkippedSite(path, reason) for path, reason in report.left.items()]
