@@ -28,8 +28,9 @@ from .config import OptimizeConfig
 from .kernels.dense import LoraLinearRunner
 from .kernels.flora_linear import FloraLinearRunner, is_plain_linear
 from .passes.match import ModelMatch, match_model, site_params
-from .passes.rewrite import rewrite_reason, runner_for, x_readers
+from .passes.eligibility import rewrite_reason, runner_for, x_readers
 from .passes.site import LoraParams, LoraSite, SkippedSite
+from .planner.signature import SiteSignature
 from .report import Report, SiteRow
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,8 @@ def _peft_state(module: nn.Module) -> tuple | None:
 
 
 def _tensors(p: LoraParams) -> list[torch.Tensor]:
-    ts = [p.weight] + ([p.bias] if p.bias is not None else [])
-    for a in p.adapters:
-        ts += [a.lora_a, a.lora_b] + ([a.lora_bias] if a.lora_bias is not None else [])
-    return ts
+    adapters = [(a.lora_a, a.lora_b, a.lora_bias) for a in p.adapters]
+    return SiteSignature.of_tensors(p.bias, adapters).flatten(None, p.weight, p.bias, adapters)[1:]
 
 
 def _in_planned_state(site: PatchedSite, x: Any, args: tuple, kwargs: dict) -> bool:

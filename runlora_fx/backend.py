@@ -25,7 +25,8 @@ from .config import OptimizeConfig
 from .passes.annotate import annotate
 from .passes.joint import JointPass, SitePlan
 from .passes.match import match_sites
-from .passes.rewrite import rewrite_reason, rewrite_sites, runner_for, x_readers
+from .passes.eligibility import rewrite_reason, runner_for, x_readers
+from .passes.rewrite import RUNNERS_ATTR, rewrite_sites
 from .passes.site import LoraSite, SkippedSite
 from .planner.device import get_profile
 from .planner.fused import search_fused
@@ -109,8 +110,8 @@ def runlora_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         count, not_rewritten = rewrite_sites(gm, found.sites, config.search_options)
         _report({"lowering": "opaque", "rewritten": count, "skipped": found.skipped + not_rewritten})
         if config.inner == "eager":
-            return gm.forward
-        return torch._dynamo.lookup_backend(config.inner)(gm, example_inputs)
+            return gm.forward  # holds gm, which holds its runners
+        return _owning(torch._dynamo.lookup_backend(config.inner)(gm, example_inputs), gm)
     pass_, not_planned = plan_joint(found.sites, config.search_options, codegen=config.inner == "inductor")
     compiled = compile_joint(gm, example_inputs, pass_, config.inner)
     report = pass_.report
@@ -125,3 +126,19 @@ def runlora_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
 def _report(entry: dict) -> None:
     last_reports.append(entry)
     del last_reports[:-16]
+
+
+def _owning(compiled, gm: torch.fx.GraphModule):
+    """`compiled`, made to keep the rewritten graph's runners alive for as long as dynamo keeps it (the ops'
+    site registry holds them weakly, so they go with the compiled graph)."""
+    runners = getattr(gm, RUNNERS_ATTR, [])
+    try:
+        setattr(compiled, RUNNERS_ATTR, runners)
+        return compiled
+    except AttributeError:  # a callable without attributes: wrap it, keeping dynamo's calling convention
+        def call(*args):
+            return compiled(*args)
+
+        call._boxed_call = getattr(compiled, "_boxed_call", False)
+        setattr(call, RUNNERS_ATTR, runners)
+        return call

@@ -157,7 +157,7 @@ def test_dropout_mask_is_torch_dropouts_on_same_seed(store, dtype):
 @settings(max_examples=40, deadline=None)
 @given(shape=st.lists(st.integers(1, 19), min_size=1, max_size=3), p=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
 def test_bits_round_trip(shape, p, seed):
-    from runlora_fx.kernels.executor import pack_bits, unpack_bits
+    from runlora_fx.kernels.masks import pack_bits, unpack_bits
     mask = torch.empty(shape, dtype=torch.uint8).bernoulli_(p, generator=torch.Generator().manual_seed(seed))
     packed = pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)

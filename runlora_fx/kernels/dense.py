@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 
-from ..planner.cost import is_parameter
 from ..planner.device import get_profile
 from ..planner.expr import AdapterSpec, QuantSpec, SiteSpec
 from ..planner.plan import Plan
 from ..planner.search import SearchOptions, search
-from .executor import run
+from ..planner.signature import SiteSignature
 
 
 _CALL_CACHE_SIZE = 256  # distinct call signatures remembered per runner (generation with growing N makes many)
@@ -33,52 +32,24 @@ class AdapterConfig:
     lora_bias: bool = False
 
 
-def input_names(bias: bool, lora_biases: list[bool]) -> list[str]:
-    """The order in which a site's tensors are passed: x, W, b?, then A_k, B_k, lb_k? per adapter."""
-    names = ["x", "W"] + (["b"] if bias else [])
-    for k, lb in enumerate(lora_biases):
-        names += [f"A{k}", f"B{k}"] + ([f"lb{k}"] if lb else [])
-    return names
-
-
-_FRAMES: dict[int, tuple[Plan, list[str], list[str]]] = {}
-
-
-def _frame(plan: Plan) -> tuple[list[str], list[str]]:
-    """The plan's input names and what its node saves (activations, then parameters), computed once per plan."""
-    entry = _FRAMES.get(id(plan))
-    if entry is None or entry[0] is not plan:
-        names = input_names(plan.spec.bias, [a.lora_bias for a in plan.spec.adapters])
-        saved = [n for n in plan.lowered.saved if not is_parameter(n)] + [n for n in names if is_parameter(n)]
-        if len(_FRAMES) >= 4096:
-            _FRAMES.clear()
-        entry = _FRAMES[id(plan)] = (plan, names, saved)  # holding the plan keeps its id from being reused
-    return entry[1], entry[2]
-
-
 class PlannedLoraFunction(torch.autograd.Function):
     """Forward and joint backward of one site as its Plan says; saves exactly the Plan's saved set.
 
-    `constants` are non-tensor inputs of the steps that stay alive anyway (a 4-bit weight's quant state, "qs").
+    Both run the Plan's generated straight-line code (`Plan.forward_graph`, `Plan.backward_graph`). `inputs` are
+    the site's tensors in `SiteSignature` order; `constants` the values of `signature.constants` (a 4-bit
+    weight's quant state), which stay alive anyway.
     """
 
     @staticmethod
-    def forward(ctx, plan: Plan, constants: dict[str, Any], *inputs: torch.Tensor) -> torch.Tensor:
-        low = plan.lowered
-        names, saved = _frame(plan)
-        env = run(low.forward, {**constants, **dict(zip(names, inputs))}, low.shapes)
-        ctx.plan, ctx.saved_names, ctx.constants = plan, saved, constants
-        ctx.save_for_backward(*[env[n] for n in saved])
-        return env[low.output]
+    def forward(ctx, plan: Plan, constants: tuple, *inputs: torch.Tensor) -> torch.Tensor:
+        out = plan.forward_graph.forward(*inputs, *constants)
+        ctx.plan, ctx.constants = plan, constants
+        ctx.save_for_backward(*out[1:], *inputs[1:])  # the saved activations, then the parameters
+        return out[0]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        plan, low = ctx.plan, ctx.plan.lowered
-        env = {**ctx.constants, **dict(zip(ctx.saved_names, ctx.saved_tensors))}
-        env["G"] = grad.contiguous()
-        env = run(low.backward, env, low.shapes)
-        grads = [env[low.grads[n]] if n in low.grads else None for n in _frame(plan)[0]]
-        return (None, None, *grads)
+        return (None, None, *ctx.plan.backward_graph.forward(*ctx.saved_tensors, *ctx.constants, grad.contiguous()))
 
 
 class LoraLinearRunner:
@@ -90,7 +61,7 @@ class LoraLinearRunner:
         self.adapters = tuple(adapters)
         self.options = options
         self.x_readers = x_readers  # sites reading the same x (see SiteSpec.x_readers)
-        self._plans: dict[tuple, Plan] = {}  # see _plan_of_call
+        self._plans: dict[tuple, Any] = {}  # see remember
 
     # -- hooks: what a dense base looks like (kernels.qlora overrides these for a 4-bit base) -----------------
     def base_shape(self, weight: torch.Tensor) -> tuple[int, int]:
@@ -134,20 +105,27 @@ class LoraLinearRunner:
     def spec_for(self, x: torch.Tensor, weight: torch.Tensor, bias, adapters, training: bool) -> SiteSpec:
         """The SiteSpec of this call, grad flags read from the tensors; ValueError on bad shapes or dtypes."""
         self.check_base(x, weight, bias)
-        on = torch.is_grad_enabled()
-        if weight.requires_grad and on:
+        if weight.requires_grad and torch.is_grad_enabled():
             raise ValueError("the base weight requires grad; a planned LoRA site needs a frozen base")
-        flags = [on and x.requires_grad, False] + ([on and bias.requires_grad] if bias is not None else [])
-        flags += [on and t is not None and t.requires_grad for ad in adapters for t in ad if t is not None]
+        sig = self.signature(bias, adapters)
+        flags = sig.tensor_flags(sig.flatten(x, weight, bias, adapters))
         return self.spec_from(x.numel() // self.base_shape(weight)[1], weight, bias, adapters, training, flags)
 
+    def signature(self, bias, adapters) -> SiteSignature:
+        """The signature of a call with this bias and these (A, B, lora bias) adapters."""
+        return SiteSignature.of_tensors(bias, adapters, self.quant_spec() is not None)
+
+    def configured_signature(self, bias: bool) -> SiteSignature:
+        """The signature this runner's adapter configs imply (for unflattening a flat adapter list)."""
+        return SiteSignature.of(bias, [c.lora_bias for c in self.adapters], self.quant_spec() is not None)
+
     def spec_from(self, n, weight: torch.Tensor, bias, adapters, training: bool, grads: list[bool]) -> SiteSpec:
-        """The SiteSpec for N rows with explicit grad flags, aligned with `input_names` (x, W, b, A0, B0, lb0...)."""
+        """The SiteSpec for N rows with explicit grad flags, aligned with the call's `SiteSignature.names`."""
         o, i = self.base_shape(weight)
         dtype = self.base_dtype(weight)
         if len(adapters) != len(self.adapters):
             raise ValueError(f"expected {len(self.adapters)} adapters, got {len(adapters)}")
-        flags = dict(zip(input_names(bias is not None, [lb is not None for _, _, lb in adapters]), grads))
+        flags = self.signature(bias, adapters).flags_by_name(grads)
         specs, adapter_dtype = [], adapters[0][0].dtype
         for k, ((a, b, lb), cfg) in enumerate(zip(adapters, self.adapters)):
             if a.dim() != 2 or b.dim() != 2 or a.shape[1] != i or b.shape[0] != o or b.shape[1] != a.shape[0]:
@@ -182,13 +160,16 @@ class LoraLinearRunner:
         for t in (bias, *(t for ad in adapters for t in ad)):
             key += (None, None, None) if t is None else (t.shape, t.dtype, t.requires_grad)
         key = tuple(key)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self.plan_for(self.spec_for(x, weight, bias, adapters, training), x.device)
+        return self.remember(key, lambda: self.plan_for(self.spec_for(x, weight, bias, adapters, training), x.device))
+
+    def remember(self, key: tuple, make) -> Any:
+        """`make()`, remembered under `key` in this runner's bounded cache of call signatures."""
+        hit = self._plans.get(key)
+        if hit is None:
             if len(self._plans) >= _CALL_CACHE_SIZE:
                 self._plans.clear()
-            self._plans[key] = plan
-        return plan
+            hit = self._plans[key] = make()
+        return hit
 
 
 def run_plan(plan: Plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -196,8 +177,7 @@ def run_plan(plan: Plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
              constants: dict[str, Any] | None = None) -> torch.Tensor:
     """Run one given plan (tests, benchmarks and autotuning use this; models go through LoraLinearRunner).
     A 4-bit base passes its quant state as ``constants={"qs": state}``."""
-    flat = [x.reshape(-1, plan.spec.in_features), weight] + ([bias] if bias is not None else [])
-    for a, b, lb in adapters:
-        flat += [a, b] + ([lb] if lb is not None else [])
-    y = PlannedLoraFunction.apply(plan, dict(constants or {}), *flat)
+    sig = plan.lowered.signature
+    values = tuple(constants[n] for n in sig.constants) if sig.constants else ()
+    y = PlannedLoraFunction.apply(plan, values, *sig.flatten(x.reshape(-1, plan.spec.in_features), weight, bias, adapters))
     return y.view(*x.shape[:-1], plan.spec.out_features)

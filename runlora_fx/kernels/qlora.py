@@ -1,4 +1,4 @@
-"""The planned LoRA node over a bitsandbytes 4-bit base (QLoRA): the dequantize step and the 4-bit runner.
+"""The planned LoRA node over a bitsandbytes 4-bit base (QLoRA): the 4-bit runner.
 
 QLoRA keeps the frozen base weight as 4-bit codes (nf4 or fp4) with one absmax per block, itself 8-bit quantized
 under double quantization (`compress_statistics`). bitsandbytes' `Linear4bit` casts x to its compute dtype,
@@ -6,7 +6,7 @@ dequantizes the whole weight, multiplies, and casts the result back; its backwar
 planner treats that dequantized weight like any other intermediate (`Program.keep_deq`: keep it from forward, or
 dequantize again), so the same executor and the same custom autograd node run dense and 4-bit sites.
 
-`dequantize` reproduces bitsandbytes' own `gemm_4bit` dequantization bit for bit (same ops, same order), so a
+The dequantize step (`kernels.bnb`) reproduces bitsandbytes' own `gemm_4bit` dequantization bit for bit, so a
 planned site computes exactly what the stock layer does. The packed weight stays a parameter; the only
 full-precision copy that outlives a step is the one a plan saves for backward (``Wd`` in its saved set, shown by
 `Plan`, `explain` and the program key ``...+wd``), and it lives until backward, never in the model.
@@ -25,58 +25,8 @@ from torch import nn
 
 from ..planner.expr import QuantSpec
 from ..planner.search import SearchOptions
+from .bnb import PACKED_FOR_CPU_REASON, bnb_inference_path, is_packed_for_cpu, quant_spec_of
 from .dense import AdapterConfig, LoraLinearRunner
-
-PACKED_FOR_CPU_REASON = ("bitsandbytes repacked this 4-bit weight for its fused CPU inference kernel (eval mode, "
-                         "input without grad, AVX512-bf16); bitsandbytes runs it")
-
-
-def _ops() -> Any:
-    """torch.ops.bitsandbytes, with bitsandbytes imported (its import registers the ops)."""
-    import bitsandbytes  # noqa: F401
-
-    return torch.ops.bitsandbytes
-
-
-def is_packed_for_cpu(state: Any) -> bool:
-    """Whether bitsandbytes has converted the weight to its CPU inference layout (absmax bf16, codes reordered)."""
-    return bool(getattr(state, "packing_format_for_cpu", False))
-
-
-def absmax(state: Any) -> torch.Tensor:
-    """The fp32 per-block absmax, decoded from its 8-bit form under double quantization (as gemm_4bit does)."""
-    if not state.nested:
-        return state.absmax
-    ops = _ops()
-    decoded = ops.dequantize_blockwise.default(state.absmax, state.state2.absmax, state.state2.code,
-                                               state.state2.blocksize, torch.float32)
-    return decoded + state.offset
-
-
-def dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The dense (out x in) weight in `dtype`, computed exactly as bitsandbytes' `gemm_4bit` computes it."""
-    if is_packed_for_cpu(state):
-        raise RuntimeError(f"cannot dequantize: {PACKED_FOR_CPU_REASON}")
-    return _ops().dequantize_4bit.default(packed.reshape(-1, 1), absmax(state), state.blocksize, state.quant_type,
-                                          list(state.shape), dtype)
-
-
-def quant_spec_of(state: Any, compute_dtype: torch.dtype) -> QuantSpec:
-    """The planner's view of a bitsandbytes `QuantState`."""
-    return QuantSpec(str(state.quant_type), int(state.blocksize), bool(state.nested), compute_dtype)
-
-
-def bnb_inference_path(module: nn.Module | None, weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether bitsandbytes' `Linear4bit.forward` would switch to its fused CPU inference kernel for this call
-    (and repack the weight for it): CPU with AVX512-bf16, the base in eval mode, x without grad."""
-    if module is None or x.device.type != "cpu":
-        return False
-    if hasattr(module, "get_base_layer"):
-        base = module.get_base_layer()
-    else:
-        base = next((m for m in module.modules() if getattr(m, "weight", None) is weight), module)
-    return bool(getattr(base, "support_avx512bf16_for_cpu", False)) and not base.training and not x.requires_grad
-
 
 class QLoraLinearRunner(LoraLinearRunner):
     """`LoraLinearRunner` for a site whose base is a bitsandbytes `Linear4bit`.

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..kernels.qlora import PACKED_FOR_CPU_REASON
+from ..kernels.bnb import PACKED_FOR_CPU_REASON
 
 _RESHAPE_METHODS = ("view", "reshape", "t", "contiguous")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cost import mm_flops, nbytes
+from .ops import mm_flops, nbytes
 from .device import DeviceProfile
 
 

@@ -1,8 +1,10 @@
 """The price of a lowered program: FLOPs, bytes moved, bytes saved for backward, transient peak, kernels, time.
 
 Everything is a small pure function of the steps and their shapes, so the numbers a Plan prints are exactly the
-numbers the search compared. Time is a roofline per step: max(FLOPs / rate, bytes / bandwidth) + launch overhead;
-dequantizing a 4-bit weight is bounded by the device's dequantize rate (values per second) instead of a FLOP rate.
+numbers the search compared. What one step costs is its op's definition in the registry (`planner.ops`): FLOPs,
+kernels, extra bytes, and how its time is bounded. Time is a roofline per step: max(FLOPs / rate, bytes /
+bandwidth) + launch overhead; dequantizing a 4-bit weight is bounded by the device's dequantize rate (values per
+second) instead of a FLOP rate.
 """
 from __future__ import annotations
 
@@ -14,32 +16,10 @@ import torch
 
 from .device import DeviceProfile
 from .expr import Lowered, Step
+from .ops import OPS, get as get_op, nbytes
 
-MATMUL_OPS = ("mm", "addmm", "linear")
-
-
-def mm_flops(m: int, k: int, n: int) -> int:
-    """FLOPs of an (m x k) @ (k x n) product, counting a multiply-add as two.
-
-    >>> mm_flops(4, 3, 2)
-    48
-    """
-    return 2 * m * k * n
-
-
-def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Bytes of a dense tensor.
-
-    >>> nbytes((3, 4), torch.bfloat16)
-    24
-    """
-    return math.prod(shape) * dtype.itemsize
-
-
-def is_parameter(name: str) -> bool:
-    """Inputs that are parameters: saving them keeps nothing alive that was not alive anyway (``qs`` is a 4-bit
-    weight's quant state)."""
-    return name in ("W", "b", "qs") or (name[:1] in "AB" and name[1:].isdigit()) or (name[:2] == "lb" and name[2:].isdigit())
+# the ops the matmul roofline prices
+MATMUL_OPS = tuple(name for name, op in OPS.items() if op.pricing == "matmul")
 
 
 @dataclass(frozen=True)
@@ -60,61 +40,41 @@ class Cost:
 
 
 def step_flops(step: Step, shapes: dict[str, tuple[int, ...]]) -> int:
-    if step.op not in MATMUL_OPS:
-        return 0
-    a, b = (step.args[0], step.args[1]) if step.op != "addmm" else (step.args[1], step.args[2])
-    sa, sb = shapes[a], shapes[b]
-    m, k = (sa[1], sa[0]) if step.ta else sa
-    n = sb[0] if (step.tb or step.op == "linear") else sb[1]
-    return mm_flops(m, k, n)
-
-
-# Bit packing runs whole-tensor int64 passes (kernels.executor): packing multiplies and shifts the mask read as
-# int64 before narrowing; unpacking widens the packed bytes to int64 indices before the table lookup. Extra bytes
-# per mask element and extra kernels beyond the step's own read and write.
-BITS_EXTRA = {"pack_bits": (5, 2), "unpack_bits": (2, 1)}
-# Steps whose arguments give only a shape or a generator state: they read no tensor data.
-_READ_NOTHING = ("rng_state", "draw_mask", "redraw_mask")
+    return get_op(step.op).flops(step, shapes)
 
 
 def step_bytes(step: Step, low: Lowered) -> int:
     """Bytes read and written by one step (drawing a mask reads nothing but writes the mask)."""
-    reads = sum(nbytes(low.shapes[a], low.dtypes[a]) for a in step.args if step.op not in _READ_NOTHING)
-    extra = 0
-    if step.op in BITS_EXTRA:
-        mask = low.shapes[step.args[0]] if step.op == "pack_bits" else low.shapes[step.out]
-        extra = BITS_EXTRA[step.op][0] * math.prod(mask)
-    return reads + nbytes(low.shapes[step.out], low.dtypes[step.out]) + extra
+    op = get_op(step.op)
+    reads = sum(nbytes(low.shapes[a], low.dtypes[a]) for a in step.args) if op.reads else 0
+    return reads + nbytes(low.shapes[step.out], low.dtypes[step.out]) + op.extra_bytes(step, low)
 
 
 def step_kernels(step: Step) -> int:
-    if step.op == "rng_state":
-        return 0
-    extra = step.op in ("mm", "sum_rows") and step.alpha != 1.0  # scaling is a second pass
-    return 1 + int(extra) + BITS_EXTRA.get(step.op, (0, 0))[1]
+    return get_op(step.op).kernels(step)
 
 
 def step_time(step: Step, low: Lowered, profile: DeviceProfile) -> float:
-    flops = step_flops(step, low.shapes)
-    dtype = low.dtypes[step.args[0] if step.op != "addmm" else step.args[1]]
+    """Roofline seconds of one step as its op's `pricing` says, plus its launches."""
+    op = get_op(step.op)
     moved = step_bytes(step, low)
     t = moved / profile.bandwidth
-    if step.op == "dequantize":
-        t = max(t, math.prod(low.shapes[step.out]) / profile.dequantize_rate)
-    elif step.op in ("draw_mask", "redraw_mask"):
-        t = max(t, math.prod(low.shapes[step.out]) / profile.rng_rate)
-    elif step.op in MATMUL_OPS:
+    if op.pricing == "throughput":
+        t = max(t, math.prod(low.shapes[step.out]) / getattr(profile, op.rate))
+    elif op.pricing == "matmul":
+        flops = op.flops(step, low.shapes)
         if flops:
+            dtype = low.dtypes[step.args[0] if step.op != "addmm" else step.args[1]]
             dims = [d for name in step.args[:3] for d in low.shapes[name] if len(low.shapes[name]) == 2]
             t = max(t, flops / profile.rate(dtype, min(dims)))
-    elif step.op != "rng_state":
+    elif op.pricing == "elementwise":
         # elementwise passes are compute bound on CPUs: priced at the output dtype's rate (a uint8/bool mask at
         # float32's) over the largest tensor the step touches
         out_dtype = low.dtypes[step.out]
         rate_dtype = out_dtype if out_dtype.is_floating_point else torch.float32
         numel = max(math.prod(low.shapes[n]) for n in (*step.args, step.out))
         t = profile.elementwise_time(numel, rate_dtype, moved)
-    return t + step_kernels(step) * profile.launch_overhead
+    return t + op.kernels(step) * profile.launch_overhead
 
 
 def dataflow(low: Lowered) -> nx.DiGraph:
@@ -159,7 +119,7 @@ def saved_bytes(low: Lowered) -> int:
     read the same x and may keep it too) share the one tensor."""
     total, x_readers = 0, low.x_readers
     for n in low.saved:
-        if not is_parameter(n):
+        if not low.signature.is_parameter(n):
             b = nbytes(low.shapes[n], low.dtypes[n])
             total += -(-b // x_readers) if n == "x" else b
     return total
@@ -171,7 +131,7 @@ def price(low: Lowered, profile: DeviceProfile) -> Cost:
     steps = low.forward + low.backward
     fwd_flops = sum(step_flops(s, low.shapes) for s in low.forward)
     bwd_flops = sum(step_flops(s, low.shapes) for s in low.backward)
-    saved_acts = [n for n in low.saved if not is_parameter(n)]
+    saved_acts = [n for n in low.saved if not low.signature.is_parameter(n)]
     return Cost(
         flops=fwd_flops + bwd_flops,
         bytes_moved=sum(step_bytes(s, low) for s in steps),

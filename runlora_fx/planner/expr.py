@@ -4,7 +4,7 @@ A site computes ``y = x W^T + b + sum_k s_k * (drop_k(x) A_k^T B_k^T + lb_k)``; 
 4-bit weight (`QuantSpec`) that the program dequantizes where it needs it. Every `Program` is one way to
 evaluate that and its joint backward; `enumerate_programs` generates the whole space from a handful of
 independent choices (the order of each contraction, what crosses from forward to backward) instead of a
-hand-written list, and `build_steps` lowers a program to the step list that `kernels.executor` runs and
+hand-written list, and `build_steps` lowers a program to the step list that `planner.graphs` turns into FX graphs and
 `planner.cost` prices. Steps are created on demand, so an intermediate shared by two gradients (``G B`` for dA
 and dX, ``G^T x_d`` for dA and dB) is computed once, and nothing is computed or saved for a gradient that
 nobody needs.
@@ -17,6 +17,9 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal
 
 import torch
+
+from .ops import get as get_op
+from .signature import SiteSignature, signature_of
 
 ForwardOrder = Literal["chain", "merged"]
 GradAOrder = Literal["zx", "bt"]  # dA = s (G B)^T x_d   |   dA = s B^T (G^T x_d)
@@ -169,6 +172,11 @@ class SiteSpec:
     def with_n(self, n: int) -> "SiteSpec":
         return replace(self, n=n)
 
+    @property
+    def signature(self) -> SiteSignature:
+        """The order, parameters and grad flags of this site's inputs."""
+        return signature_of(self)
+
 
 @dataclass(frozen=True)
 class Program:
@@ -271,13 +279,8 @@ def enumerate_programs(spec: SiteSpec) -> Iterator[Program]:
 
 @dataclass(frozen=True)
 class Step:
-    """One operation of a program. `args` name tensors in the run's environment.
-
-    ops: linear (a @ w^T + bias), mm (alpha op(a) @ op(b)), addmm (acc + alpha op(a) @ op(b)), cast,
-    draw_mask (a {0, 1} dropout mask in `dtype`, RNG-identical to F.dropout's), rng_state, redraw_mask, mul,
-    addcmul (a + alpha b ⊙ c), scale, pack_bits, unpack_bits, axpy (a + alpha b, broadcast), sum_rows (alpha * sum over N),
-    dequantize (a 4-bit weight and its quant state to a dense weight in `dtype`).
-    """
+    """One operation of a program: `op` names a `planner.ops` StepOp (which defines its formula, price and FX
+    emission); `args` name tensors of the run."""
 
     op: str
     out: str
@@ -290,31 +293,7 @@ class Step:
 
     def formula(self) -> str:
         """The step as algebra, e.g. ``W + 2·B0 A0`` (what Plan tables print)."""
-        a = self.args + ("",) * (3 - len(self.args))  # every entry below is built, so pad the short ones
-        s = "" if self.alpha == 1.0 else f"{self.alpha:g}·"
-        if self.op in ("mm", "addmm"):
-            x, y = _t(self.args[-2], self.ta), _t(self.args[-1], self.tb)
-            return f"{a[0]} + {s}{x} {y}" if self.op == "addmm" else f"{s}{x} {y}"
-        text = {
-            "linear": f"{a[0]} {a[1]}^T" + (f" + {a[2]}" if a[2] else ""),
-            "cast": f"{a[0]}.to({str(self.dtype).replace('torch.', '')})",
-            "draw_mask": f"bernoulli(1-{self.p:g}) like {a[0]}",
-            "rng_state": f"rng state before drawing for {a[0]}",
-            "redraw_mask": f"bernoulli(1-{self.p:g}) redrawn from {a[0]}",
-            "mul": f"{a[0]} ⊙ {a[1]}",
-            "addcmul": f"{a[0]} + {s}{a[1]} ⊙ {a[2]}",
-            "scale": f"{s}{a[0]}",
-            "pack_bits": f"bits({a[0]})",
-            "unpack_bits": f"unbits({a[0]})",
-            "axpy": f"{a[0]} + {s}{a[1]}",
-            "sum_rows": f"{s}Σ_N {a[0]}",
-            "dequantize": f"dequantize_4bit({a[0]}, {a[1]}).to({str(self.dtype).replace('torch.', '')})",
-        }
-        return text[self.op]
-
-
-def _t(name: str, t: bool) -> str:
-    return f"{name}^T" if t else name
+        return get_op(self.op).formula(self)
 
 
 @dataclass
@@ -329,6 +308,7 @@ class Lowered:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     x_readers: int = 1  # sites sharing x (SiteSpec.x_readers): a saved x costs this site a share
+    signature: SiteSignature | None = None  # the site's inputs: which names are parameters (set by build_steps)
 
 
 class _Lowering:
@@ -340,21 +320,8 @@ class _Lowering:
         self.known: set[str] = set()
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
-        n, i, o = spec.n, spec.in_features, spec.out_features
-        bd, ad = spec.dtype, spec.compute_dtype
-        self._input("x", (n, i), bd)
-        if spec.quant is None:
-            self._input("W", (o, i), bd)
-        else:  # the packed codes and the per-block statistics (the quant state) are parameters
-            self._input("W", spec.quant.packed_shape(o, i), torch.uint8)
-            self._input("qs", spec.quant.stats_shape(o, i), spec.quant.stats_dtype)
-        if spec.bias:
-            self._input("b", (o,), spec.base_dtype)
-        for k, a in enumerate(spec.adapters):
-            self._input(f"A{k}", (a.rank, i), ad)
-            self._input(f"B{k}", (o, a.rank), ad)
-            if a.lora_bias:
-                self._input(f"lb{k}", (o,), ad)
+        for name, (shape, dtype) in spec.signature.input_layout(spec).items():
+            self._input(name, shape, dtype)
 
     def _input(self, name, shape, dtype):
         self.known.add(name)
@@ -481,7 +448,8 @@ def build_steps(spec: SiteSpec, program: Program) -> Lowered:
     grads = bwd.gradients()
     forward_steps = fwd.steps  # _Backward appended forward-only producers (saved tensors) through fwd.emit
     return Lowered(forward_steps, bwd.saved, bwd.steps, grads, output=y,
-                   shapes={**fwd.shapes, **bwd.shapes}, dtypes={**fwd.dtypes, **bwd.dtypes}, x_readers=spec.x_readers)
+                   shapes={**fwd.shapes, **bwd.shapes}, dtypes={**fwd.dtypes, **bwd.dtypes}, x_readers=spec.x_readers,
+                   signature=spec.signature)
 
 
 class _Backward(_Lowering):
@@ -625,17 +593,8 @@ def expressions(low: Lowered) -> dict[str, str]:
             return name
         defs = phase_defs if name in phase_defs else fallback
         sub = [expand(a, defs, forward) for a in step.args]
-        tr = lambda e, t: f"tr({e})" if t else e  # noqa: E731
-        if step.op == "linear":
-            e = f"mm({sub[0]},tr({sub[1]}))"
-            return f"add({e},{sub[2]})" if len(sub) > 2 else e
-        if step.op == "mm":
-            return f"mm({tr(sub[0], step.ta)},{tr(sub[1], step.tb)})"
-        if step.op == "addmm":
-            return f"add({sub[0]},mm({tr(sub[1], step.ta)},{tr(sub[2], step.tb)}))"
-        if step.op in ("cast", "scale"):
-            return sub[0]
-        return f"{step.op}({','.join(sub)})"
+        render = get_op(step.op).expression
+        return render(step, sub) if render else f"{step.op}({','.join(sub)})"
 
     out = {"y": expand(low.output, forward, {})}
     for grad_of, name in low.grads.items():

@@ -12,11 +12,15 @@ from dataclasses import replace
 
 from .cost import Cost, price, step_time
 from .device import DeviceProfile
-from .expr import STOCK, Lowered, Program, SiteSpec, build_steps, canonical, enumerate_programs
+from .expr import STOCK, Lowered, Program, SiteSpec, Step, build_steps, canonical, enumerate_programs
+from .ops import get as get_op
 from .plan import Plan, PlanTable
 from .search import STRATEGIES, SearchOptions
 
-FUSED_OPS = ("mul", "addcmul", "axpy", "scale", "cast", "rng_state")
+
+def fused(step: Step) -> bool:
+    """Pointwise steps (the registry's elementwise ops, reductions excepted) that inductor folds into a neighbour."""
+    return get_op(step.op).pricing == "elementwise" and step.op != "sum_rows"
 
 
 def compiled_valid(spec: SiteSpec, program: Program, seed: bool = True) -> bool:
@@ -33,7 +37,7 @@ def price_fused(low: Lowered, profile: DeviceProfile) -> Cost:
     matmul's scale folded into its epilogue."""
     base = price(low, profile)
     steps = [s if s.op not in ("mm", "sum_rows") else replace(s, alpha=1.0)
-             for s in low.forward + low.backward if s.op not in FUSED_OPS]
+             for s in low.forward + low.backward if not fused(s)]
     return replace(base, time=sum(step_time(s, low, profile) for s in steps), kernels=len(steps))
 
 

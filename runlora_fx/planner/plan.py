@@ -6,8 +6,12 @@ per step. Printing a list of plans (`PlanTable`) gives one row per plan.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-from .cost import Cost, is_parameter, step_flops
+import torch.fx as fx
+
+from .cost import Cost, step_flops
+from .graphs import backward_graph, forward_graph
 from .expr import Lowered, Program, SiteSpec
 
 
@@ -33,8 +37,18 @@ class Plan:
         low = self.lowered
         fwd = "; ".join(f"{s.out} = {s.formula()}" for s in low.forward)
         bwd = "; ".join(f"{s.out} = {s.formula()}" for s in low.backward)
-        saved = ", ".join(n for n in low.saved if not is_parameter(n)) or "nothing"
+        saved = ", ".join(n for n in low.saved if not low.signature.is_parameter(n)) or "nothing"
         return {"forward": fwd, "saved": saved, "backward": bwd}
+
+    @cached_property
+    def forward_graph(self) -> fx.GraphModule:
+        """The forward as an FX GraphModule (`planner.graphs`): ``(*tensors, *constants) -> (y, *saved)``."""
+        return forward_graph(self.lowered)
+
+    @cached_property
+    def backward_graph(self) -> fx.GraphModule:
+        """The backward: ``(*saved, *parameters, *constants, G) -> gradient or None per tensor``."""
+        return backward_graph(self.lowered)
 
     @property
     def speedup(self) -> float:
