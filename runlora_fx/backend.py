@@ -46,7 +46,8 @@ def _plan(site: LoraSite, options: SearchOptions, readers: int, seed: bool):
     n = x.numel() // w.shape[1]
     n = optimization_hint(n) if isinstance(n, torch.SymInt) else n
     adapters = [(_val(a.lora_a), _val(a.lora_b), _val(a.lora_bias)) for a in site.adapters]
-    grads = [site.x_requires_grad is not False, False] + ([site.bias_requires_grad is True] if site.bias is not None else [])
+    grads = [site.x_requires_grad is not False, False]
+    grads += [site.bias_requires_grad is True] if site.bias is not None else []
     for a in site.adapters:
         grads += [a.a_requires_grad is not False, a.b_requires_grad is not False]
         grads += [a.lora_bias_requires_grad is not False] if a.lora_bias is not None else []
@@ -56,7 +57,8 @@ def _plan(site: LoraSite, options: SearchOptions, readers: int, seed: bool):
     return search_fused(spec, options, get_profile(x.device), seed=seed)
 
 
-def plan_joint(sites: list[LoraSite], options: SearchOptions, codegen: bool = True) -> tuple[JointPass, list[SkippedSite]]:
+def plan_joint(sites: list[LoraSite], options: SearchOptions,
+               codegen: bool = True) -> tuple[JointPass, list[SkippedSite]]:
     """Tag every plannable site and build the joint pass that applies its plan; the others, with reasons.
 
     A mask is regenerated from its seed only where inductor generates the code (`codegen`): the eager kernel of

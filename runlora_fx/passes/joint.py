@@ -319,7 +319,10 @@ def _apply_adapter(g: _Graph, site: _Site, ad: _Adapter) -> None:
         """G_s^T x_d, shared by dB (ta) and dA (bt)."""
         nonlocal t
         if t is None:
-            gst = _mats(ad.db)[0] if ad.db is not None else g.make(aten.permute.default, (_mats(ad.z)[0], [1, 0]), before, before, True)
+            if ad.db is not None:
+                gst = _mats(ad.db)[0]
+            else:
+                gst = g.make(aten.permute.default, (_mats(ad.z)[0], [1, 0]), before, before, True)
             t = g.make(aten.mm.default, (gst, xd2), before, before, True)
         return t
 
@@ -329,7 +332,8 @@ def _apply_adapter(g: _Graph, site: _Site, ad: _Adapter) -> None:
         if ad.db is not None and p.grad_b == "ta":
             ad.db.replace_all_uses_with(g.make(aten.mm.default, (shared_t(before), at), ad.db, ad.db, True))
         if ad.da is not None and p.grad_a == "bt":
-            ad.da.replace_all_uses_with(g.make(aten.mm.default, (_mats(ad.fb)[1], shared_t(before)), ad.da, ad.da, True))
+            da = g.make(aten.mm.default, (_mats(ad.fb)[1], shared_t(before)), ad.da, ad.da, True)
+            ad.da.replace_all_uses_with(da)
     if ad.db is not None and p.grad_b == "gu":
         _tag(ad.fa, CheckpointPolicy.MUST_SAVE if p.keep_u else CheckpointPolicy.MUST_RECOMPUTE)
     if ad.chain:
