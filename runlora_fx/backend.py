@@ -7,11 +7,11 @@ after `pip install` with no import. Options travel in torch.compile's `options` 
 
 (see `OptimizeConfig` for every option, plus `lowering` below). Two lowerings:
 
-* "joint" (the default for inner "inductor" and "aot_eager"): tag each site's nodes, compile with inductor and
+* "joint": tag each site's nodes, compile with inductor and
   `passes.joint.JointPass` as its joint-graph pass, which re-associates the site's matmuls and fixes its saved set
   inside the joint graph, so inductor still fuses the pointwise work. With inner "aot_eager" the same joint
   passes and partitioner run, and the partitioned aten graphs run eagerly (no code generation).
-* "opaque" (the default for inner "eager"): each site becomes one custom op (`kernels.ops`) that runs the Plan
+* "opaque" (the default, "auto": it measured faster so far, docs/COMPILED.md): each site becomes one custom op (`kernels.ops`) that runs the Plan
   chosen per call for the actual N.
 
 The last graph's report is kept in `last_reports` for `explain`.
@@ -103,8 +103,8 @@ def runlora_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     if lowering not in LOWERINGS:
         raise ValueError(f"lowering must be one of {', '.join(LOWERINGS)}, got {lowering!r}")
     config = OptimizeConfig.from_options(options)
-    if lowering == "auto":
-        lowering = "opaque" if config.inner == "eager" else "joint"
+    if lowering == "auto":  # the opaque ops measured faster so far (docs/COMPILED.md: indicative, loaded machine)
+        lowering = "opaque"
     if lowering == "joint" and config.inner == "eager":
         raise ValueError("lowering='joint' needs inner 'inductor' or 'aot_eager' (it runs in the joint graph)")
     found = match_sites(gm, example_inputs)

@@ -196,7 +196,8 @@ def test_backend_reports_programs_and_matches_peft_in_bf16():
     model = tiny_llama(0.0, torch.bfloat16)
     ref, ids = copy.deepcopy(model), tokens()
     torch._dynamo.reset()
-    cm = torch.compile(model, backend=runlora_backend, options={"inner": "aot_eager"}, fullgraph=True)
+    cm = torch.compile(model, backend=runlora_backend, options={"inner": "aot_eager", "lowering": "joint"},
+                       fullgraph=True)
     got = loss_and_grads(cm, ids)
     report = backend_mod.last_reports[-1]
     assert report["lowering"] == "joint" and report["rewritten"] == 7 and len(report["programs"]) == 7
@@ -219,7 +220,8 @@ def test_recompiles_over_sequence_lengths_no_more_than_plain_inductor_passes():
         return compile_fx(gm, ex, inner_compile=lambda g, e, **k: make_boxed_func(g.forward))
 
     plain, plain_calls = counting(aten_graphs)
-    ours, our_calls = counting(lambda gm, ex: runlora_backend(gm, ex, options={"inner": "aot_eager"}))
+    joint = {"inner": "aot_eager", "lowering": "joint"}
+    ours, our_calls = counting(lambda gm, ex: runlora_backend(gm, ex, options=joint))
     for backend in (plain, ours):
         model = tiny_llama(0.0, torch.float32)
         torch._dynamo.reset()
@@ -235,7 +237,8 @@ def test_inductor_step_equals_peft_with_the_joint_pass():
     model = tiny_llama(0.0, torch.float32)
     ref, ids = copy.deepcopy(model), tokens()
     torch._dynamo.reset()
-    got = loss_and_grads(torch.compile(model, backend=runlora_backend, fullgraph=True), ids)
+    cm = torch.compile(model, backend=runlora_backend, options={"lowering": "joint"}, fullgraph=True)
+    got = loss_and_grads(cm, ids)
     assert backend_mod.last_reports[-1]["rewritten"] == 7
     want = loss_and_grads(ref, ids)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
@@ -252,7 +255,8 @@ def test_bf16_adapters_on_an_fp32_base_sum_in_fp32():
             p.data = p.data.bfloat16()
     ref, ids = copy.deepcopy(model), tokens()
     torch._dynamo.reset()
-    cm = torch.compile(model, backend=runlora_backend, options={"inner": "aot_eager"}, fullgraph=True)
+    cm = torch.compile(model, backend=runlora_backend, options={"inner": "aot_eager", "lowering": "joint"},
+                       fullgraph=True)
     got = loss_and_grads(cm, ids)
     assert backend_mod.last_reports[-1]["rewritten"] == 7
     truth = copy.deepcopy(ref).double()
