@@ -1,33 +1,133 @@
-"""The "runlora" torch.compile backend: match LoRA sites in dynamo's graph, rewrite them, hand on to inductor.
+"""The "runlora" torch.compile backend: match LoRA sites in dynamo's graph, plan them, hand on to inductor.
 
 Registered through the `torch_dynamo_backends` entry point, so `torch.compile(model, backend="runlora")` works
 after `pip install` with no import. Options travel in torch.compile's `options` dict:
 
     torch.compile(model, backend="runlora", options={"inner": "aot_eager", "objective": "memory"})
 
-(see `OptimizeConfig` for every option). The last graph's report is kept in `last_reports` for `explain`.
+(see `OptimizeConfig` for every option, plus `lowering` below). Two lowerings:
+
+* "joint": tag each site's nodes, compile with inductor and
+  `passes.joint.JointPass` as its joint-graph pass, which re-associates the site's matmuls and fixes its saved set
+  inside the joint graph, so inductor still fuses the pointwise work. With inner "aot_eager" the same joint
+  passes and partitioner run, and the partitioned aten graphs run eagerly (no code generation).
+* "opaque" (the default, "auto": it measured faster so far, docs/COMPILED.md): each site becomes one custom op (`kernels.ops`) that runs the Plan
+  chosen per call for the actual N.
+
+The last graph's report is kept in `last_reports` for `explain`.
 """
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .config import OptimizeConfig
+from .passes.annotate import annotate
+from .passes.joint import JointPass, SitePlan
 from .passes.match import match_sites
+from .passes.eligibility import rewrite_reason, runner_for, x_readers
 from .passes.rewrite import RUNNERS_ATTR, rewrite_sites
+from .passes.site import LoraSite, SkippedSite
+from .planner.device import get_profile
+from .planner.fused import search_fused
+from .planner.search import SearchOptions
 
+LOWERINGS = ("auto", "joint", "opaque")
 last_reports: list[dict] = []
 
 
+def _val(node):
+    return None if node is None else node.meta.get("example_value", node.meta.get("val"))
+
+
+def _plan(site: LoraSite, options: SearchOptions, readers: int, seed: bool):
+    """The compiled path's Plan for `site`, from the example values dynamo recorded (N at its hint)."""
+    x, w = _val(site.x), _val(site.weight)
+    n = x.numel() // w.shape[1]
+    n = optimization_hint(n) if isinstance(n, torch.SymInt) else n
+    adapters = [(_val(a.lora_a), _val(a.lora_b), _val(a.lora_bias)) for a in site.adapters]
+    grads = [site.x_requires_grad is not False, False]
+    grads += [site.bias_requires_grad is True] if site.bias is not None else []
+    for a in site.adapters:
+        grads += [a.a_requires_grad is not False, a.b_requires_grad is not False]
+        grads += [a.lora_bias_requires_grad is not False] if a.lora_bias is not None else []
+    training = any(a.dropout_train for a in site.adapters)
+    runner = runner_for(site, options, readers)
+    spec = runner.spec_from(n, w, _val(site.bias), adapters, training, grads)
+    return search_fused(spec, options, get_profile(x.device), seed=seed)
+
+
+def plan_joint(sites: list[LoraSite], options: SearchOptions,
+               codegen: bool = True) -> tuple[JointPass, list[SkippedSite]]:
+    """Tag every plannable site and build the joint pass that applies its plan; the others, with reasons.
+
+    A mask is regenerated from its seed only where inductor generates the code (`codegen`): the eager kernel of
+    `inductor_random` ignores its seed, and `fallback_random` keeps ATen's stateful draw."""
+    plans, skipped = {}, []
+    readers = x_readers(sites)
+    seed = codegen and not torch._inductor.config.fallback_random
+    for site in sites:
+        reason = rewrite_reason(site)
+        if reason is None and site.quant_compute_dtype is not None:
+            reason = "4-bit base: the joint-graph pass plans dense bases only (use lowering='opaque')"
+        if reason:
+            skipped.append(SkippedSite(site.module_path, reason))
+            continue
+        sid = len(plans)
+        plan = _plan(site, options, readers[site.x], seed)
+        plans[sid] = SitePlan(site.module_path, plan.program, tuple(float(a.scale) for a in site.adapters))
+        annotate(site, sid)
+    return JointPass(plans), skipped
+
+
+def _eager_inner(gm: torch.fx.GraphModule, example_inputs, **kwargs):
+    """compile_fx's inner compiler for inner="aot_eager": run the partitioned aten graph as it is."""
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    return make_boxed_func(gm.forward)
+
+
+def compile_joint(gm: torch.fx.GraphModule, example_inputs, pass_: JointPass, inner: str):
+    """Compile with inductor's pipeline and `pass_` as its joint-graph pass (per compile, not global)."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    patches = {"joint_custom_post_pass": pass_}
+    return compile_fx(gm, example_inputs, inner_compile=compile_fx_inner if inner == "inductor" else _eager_inner,
+                      config_patches=patches)
+
+
 def runlora_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
-    """Rewrite LoRA sites, then compile with the inner compiler."""
-    config = OptimizeConfig.from_options({**(options or {}), **kwargs})
+    """Plan LoRA sites, then compile with the inner compiler."""
+    options = {**(options or {}), **kwargs}
+    lowering = options.pop("lowering", "auto")
+    if lowering not in LOWERINGS:
+        raise ValueError(f"lowering must be one of {', '.join(LOWERINGS)}, got {lowering!r}")
+    config = OptimizeConfig.from_options(options)
+    if lowering == "auto":  # the opaque ops measured faster so far (docs/COMPILED.md: indicative, loaded machine)
+        lowering = "opaque"
+    if lowering == "joint" and config.inner == "eager":
+        raise ValueError("lowering='joint' needs inner 'inductor' or 'aot_eager' (it runs in the joint graph)")
     found = match_sites(gm, example_inputs)
-    count, not_rewritten = rewrite_sites(gm, found.sites, config.search_options)
-    last_reports.append({"rewritten": count, "skipped": found.skipped + not_rewritten})
+    if lowering == "opaque":
+        count, not_rewritten = rewrite_sites(gm, found.sites, config.search_options)
+        _report({"lowering": "opaque", "rewritten": count, "skipped": found.skipped + not_rewritten})
+        if config.inner == "eager":
+            return gm.forward  # holds gm, which holds its runners
+        return _owning(torch._dynamo.lookup_backend(config.inner)(gm, example_inputs), gm)
+    pass_, not_planned = plan_joint(found.sites, config.search_options, codegen=config.inner == "inductor")
+    compiled = compile_joint(gm, example_inputs, pass_, config.inner)
+    report = pass_.report
+    left = [SkippedSite(path, reason) for path, reason in report.left.items()]
+    cached = not report.applied and not report.left and bool(pass_.plans)
+    programs = {p.module_path: p.program.key for p in pass_.plans.values()} if cached else dict(report.applied)
+    _report({"lowering": "joint", "rewritten": len(programs), "skipped": found.skipped + not_planned + left,
+             "programs": programs, "from_cache": cached})
+    return compiled
+
+
+def _report(entry: dict) -> None:
+    last_reports.append(entry)
     del last_reports[:-16]
-    if config.inner == "eager":
-        return gm.forward  # holds gm, which holds its runners
-    return _owning(torch._dynamo.lookup_backend(config.inner)(gm, example_inputs), gm)
 
 
 def _owning(compiled, gm: torch.fx.GraphModule):

@@ -20,15 +20,21 @@ def compiled(model, inner, **options):
     return torch.compile(model, backend=runlora_backend, options={"inner": inner, **options}, fullgraph=True)
 
 
-@pytest.mark.parametrize("dtype,inner", [
-    (torch.float64, "eager"), (torch.float64, "aot_eager"), (torch.float32, "aot_eager"), (torch.bfloat16, "aot_eager"),
+@pytest.mark.parametrize("dtype,inner,lowering", [
+    (torch.float64, "eager", "auto"), (torch.float64, "aot_eager", "opaque"), (torch.float32, "aot_eager", "opaque"),
+    (torch.bfloat16, "aot_eager", "opaque"), (torch.float32, "aot_eager", "joint"),
 ])
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_compiled_step_equals_peft(dtype, inner, dropout):
+def test_compiled_step_equals_peft(dtype, inner, lowering, dropout):
+    """Masks equal eager peft's: the opaque ops draw them with F.dropout, the joint path (aot_eager: no inductor
+    code, so no seed replay) with fallback_random's ATen dropout. The joint path runs inductor's decompositions,
+    which differ from eager by ~1e-7 even in float64 with no pass at all, so it is compared in float32 against the
+    float64 truth."""
     model = tiny_llama(dropout, dtype)
     ref = copy.deepcopy(model)
     ids = tokens()
-    got = loss_and_grads(compiled(model, inner), ids)
+    with torch._inductor.config.patch(fallback_random=True):
+        got = loss_and_grads(compiled(model, inner, lowering=lowering), ids)
     assert backend_mod.last_reports[-1]["rewritten"] == 7
     want = loss_and_grads(ref, ids)
     assert_step_matches(got, want, None if dtype == torch.float64 else float64_truth(ref, ids))
@@ -41,7 +47,7 @@ def test_inductor_step_equals_peft_and_keeps_the_planned_ops():
     model = tiny_llama(0.0, torch.float32)
     ref = copy.deepcopy(model)
     ids = tokens()
-    cm = compiled(model, "inductor")
+    cm = compiled(model, "inductor", lowering="opaque")
     got, code = run_and_get_code(lambda: loss_and_grads(cm, ids))
     assert backend_mod.last_reports[-1]["rewritten"] == 7
     assert_step_matches(got, loss_and_grads(ref, ids), float64_truth(ref, ids))
@@ -55,7 +61,7 @@ def test_dynamic_sequence_lengths_recompile_once_and_plan_per_n(monkeypatch):
 
     def counting(gm, inputs, **kw):
         compiles.append(1)
-        return runlora_backend(gm, inputs, options={"inner": "aot_eager"})
+        return runlora_backend(gm, inputs, options={"inner": "aot_eager", "lowering": "opaque"})
 
     seen = []
     original = ops.LoraLinearRunner.plan_for
@@ -91,6 +97,8 @@ def test_unknown_option_names_it():
         runlora_backend(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [], options={"objectiv": "time"})
     with pytest.raises(ValueError, match="inner"):
         runlora_backend(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [], options={"inner": "tvm"})
+    with pytest.raises(ValueError, match="lowering"):
+        runlora_backend(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [], options={"lowering": "fused"})
 
 
 def test_model_without_lora_compiles_unchanged():
