@@ -70,6 +70,9 @@ def plan_joint(sites: list[LoraSite], options: SearchOptions,
         reason = rewrite_reason(site)
         if reason is None and site.quant_compute_dtype is not None:
             reason = "4-bit base: the joint-graph pass plans dense bases only (use lowering='opaque')"
+        if reason is None and site.weight_transposed:
+            reason = "Conv1D base (weight stored in x out): the joint-graph pass plans linear bases only " \
+                     "(use lowering='opaque')"
         if reason:
             skipped.append(SkippedSite(site.module_path, reason))
             continue

@@ -111,3 +111,16 @@ def test_optimize_plans_every_gpt2_lora_layer_and_equals_peft(dtype, dropout, mo
     assert len(planned) == 8
     want = loss_and_grads(ref, ids())
     assert_step_matches(got, want, None if dtype == torch.float64 else float64_truth(ref, ids()))
+
+
+def test_joint_lowering_leaves_conv1d_sites_to_inductor_with_a_reason():
+    from runlora_fx import backend
+
+    model = tiny_gpt2(layers=1)
+    backend.last_reports.clear()
+    compiled = torch.compile(copy.deepcopy(model), backend="runlora",
+                             options={"inner": "aot_eager", "lowering": "joint"})
+    got, want = loss_and_grads(compiled, ids()), loss_and_grads(model, ids())
+    assert_step_matches(got, want, float64_truth(model, ids()))
+    reasons = [s.reason for r in backend.last_reports for s in r["skipped"]]
+    assert len(reasons) == 4 and all("Conv1D" in r for r in reasons)
