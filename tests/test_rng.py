@@ -159,7 +159,7 @@ def test_dropout_rng_option_is_validated_everywhere():
 
     assert OptimizeConfig.from_options({"dropout_rng": "fast"}).search_options.dropout_rng == "fast"
     assert OptimizeConfig().search_options.dropout_rng == "torch"
-    for bad in (lambda: OptimizeConfig(dropout_rng="philox"), lambda: SearchOptions(dropout_rng="x"),
+    for bad in (lambda: OptimizeConfig.from_options({"dropout_rng": "philox"}), lambda: SearchOptions(dropout_rng="x"),
                 lambda: SiteSpec(4, 4, 4, (AdapterSpec(2),), dropout_rng="")):
         with pytest.raises(ValueError, match="dropout_rng"):
             bad()
