@@ -23,6 +23,8 @@ def parser() -> argparse.ArgumentParser:
                    help="layer: trim rows whose peft call the cost model estimates slower than this (default 0.05 s at the nominal rates of layer.NOMINAL_RATE)")
     p.add_argument("--models", default=None, help="model/memory: comma-separated subset of 60m,130m")
     p.add_argument("--dtypes", default=None, help="comma-separated subset of float32,bfloat16")
+    p.add_argument("--ranks", default=None, help="model: comma-separated subset of the LoRA ranks (8,128)")
+    p.add_argument("--dropouts", default=None, help="model: comma-separated subset of the dropout p (0,0.05)")
     p.add_argument("--no-map", action="store_true", help="planner: skip the (N, r) map sweep")
     p.add_argument("--model-budget-min", type=float, default=None,
                    help="model: stop starting new rows after this many minutes (rows left are listed as not run)")
@@ -172,6 +174,10 @@ def _model_cfg(args):
         cfg = replace(cfg, models=tuple(args.models.split(",")))
     if args.dtypes:
         cfg = replace(cfg, dtypes=tuple(args.dtypes.split(",")))
+    if args.ranks:
+        cfg = replace(cfg, ranks=tuple(int(r) for r in args.ranks.split(",")))
+    if args.dropouts:
+        cfg = replace(cfg, dropouts=tuple(float(p) for p in args.dropouts.split(",")))
     if args.compile_scope:
         cfg = replace(cfg, compile_scope=args.compile_scope)
     if args.contenders:
