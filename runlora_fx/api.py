@@ -86,8 +86,29 @@ class PatchedSite:
     dropouts: tuple[tuple[str, float], ...]  # (path, p) of every dropout module inside the module
     planned_forward: PlannedForward | None = None  # what module.forward is while patched
 
-    def tensors(self) -> Tensors | None:
-        """The module's tensors now, by name; None when one of them is gone (an adapter deleted)."""
+    def __post_init__(self) -> None:
+        n = self.names
+        paths = (n.weight, n.bias, *(p for ad in n.adapters for p in ad))
+        self.slots = tuple((tuple(p.split(".")[:-1]), p.rpartition(".")[2]) for p in paths)
+
+    def flat(self) -> list | None:
+        """The module's tensors now in `signature` order (weight, bias, then A, B, lora bias per adapter), read
+        through the dicts nn.Module keeps them in (no `Module.__getattr__` calls: this runs at every call); a
+        path that does not resolve that way is read by attribute; None when a tensor is gone."""
+        module, flat = self.module, []
+        for owners, last in self.slots:
+            obj = module
+            try:
+                for part in owners:
+                    obj = obj._modules[part]
+                params = obj._parameters
+                flat.append(params[last] if last in params else obj._buffers[last])
+            except (KeyError, AttributeError):
+                tensors = self._tensors_by_attribute()
+                return None if tensors is None else _flatten(tensors)
+        return flat
+
+    def _tensors_by_attribute(self) -> Tensors | None:
         try:
             n = self.names
             return (_attr(self.module, n.weight), _attr(self.module, n.bias, optional=True),
@@ -95,6 +116,11 @@ class PatchedSite:
                      for a, b, lb in n.adapters])
         except AttributeError:
             return None
+
+    def tensors(self) -> Tensors | None:
+        """The module's tensors now; None when one of them is gone (an adapter deleted)."""
+        flat = self.flat()
+        return None if flat is None else _unflatten(flat)
 
     @property
     def params(self) -> LoraParams:
@@ -115,10 +141,20 @@ class PatchedSite:
         return {**self.__dict__, "runner": self.runner.with_adapters(self.runner.adapters)}
 
 
-def _signature(tensors: Tensors) -> tuple:
+def _flatten(tensors: Tensors) -> list:
     weight, bias, adapters = tensors
-    slots = [weight, bias] + [t for ad in adapters for t in ad]
-    return tuple(None if t is None else (type(t), t.dtype, t.device) for t in slots)
+    return [weight, bias] + [t for ad in adapters for t in ad]
+
+
+def _unflatten(flat: list) -> Tensors:
+    adapters = []
+    for i in range(2, len(flat), 3):  # a plain loop: no comprehension frame on the per-call path
+        adapters.append((flat[i], flat[i + 1], flat[i + 2]))
+    return flat[0], flat[1], adapters
+
+
+def _signature(tensors: Tensors) -> tuple:
+    return tuple(None if t is None else (type(t), t.dtype, t.device) for t in _flatten(tensors))
 
 
 class PlannedForward:
@@ -166,11 +202,18 @@ def _dropouts(module: nn.Module) -> tuple[tuple[str, float], ...]:
                  if isinstance(m, nn.modules.dropout._DropoutNd))
 
 
-def _dropout_p(module: nn.Module, path: str) -> float | None:
-    try:
-        return float(module.get_submodule(path).p)
-    except AttributeError:
-        return None
+def _peft_state_is(module: nn.Module, state: tuple) -> bool:
+    """`_peft_state(module) == state` without building it (this runs at every call)."""
+    if module.disable_adapters or module.merged:
+        return False
+    active, scales = state
+    lora_a, scaling, k = module._modules["lora_A"]._modules, module.scaling, 0
+    for a in module.active_adapters:
+        if a in lora_a:  # peft skips absent adapters too
+            if k == len(active) or a != active[k] or float(scaling[a]) != scales[k]:
+                return False
+            k += 1
+    return k == len(active)
 
 
 def _planned_tensors(site: PatchedSite, x: Any, args: tuple, kwargs: dict) -> Tensors | None:
@@ -178,34 +221,50 @@ def _planned_tensors(site: PatchedSite, x: Any, args: tuple, kwargs: dict) -> Te
     if args or kwargs or not isinstance(x, torch.Tensor):
         return None
     module = site.module
-    if _is_peft_layer(module) and (module.disable_adapters or module.merged or _peft_state(module) != site.peft_state):
+    if site.peft_state is not None and not _peft_state_is(module, site.peft_state):
         return None
-    tensors = site.tensors()
-    if tensors is None or _signature(tensors) != site.signature:
+    flat = site.flat()
+    if flat is None:
         return None
-    weight = tensors[0]
+    for t, sig in zip(flat, site.signature):  # the same classes, dtypes and device as when planned
+        if t is None:
+            if sig is not None:
+                return None
+        elif sig is None or type(t) is not sig[0] or t.dtype != sig[1] or t.device != sig[2]:
+            return None
+    weight = flat[0]
     if weight.requires_grad and torch.is_grad_enabled():  # the planned node keeps the base frozen
         return None
-    if any(_dropout_p(module, path) != p for path, p in site.dropouts):
-        return None
+    for path, p in site.dropouts:
+        dropout = module
+        for part in path.split("."):
+            dropout = dropout._modules.get(part)
+            if dropout is None:
+                return None
+        live = getattr(dropout, "p", None)  # a dropout replaced by another module has none
+        if live is None or float(live) != p:
+            return None
     if x.device != weight.device or x.numel() == 0:
         return None
     if not x.is_contiguous() and not torch.empty_like(x, device="meta").is_contiguous() and _training(site) \
             and any(c.dropout > 0 for c in site.runner.adapters):
         return None  # dropout draws its mask in x's memory order there; the planned node draws it row-major
-    bias, adapters = tensors[1], tensors[2]
     if site.names.weight_transposed:
-        weight = weight.t()
-        tensors = (weight, bias, adapters)
-    flat = [weight] + ([bias] if bias is not None else []) + [t for ad in adapters for t in ad if t is not None]
-    return tensors if autocast.accepts(site.runner, x, flat, module) else None
+        flat[0] = weight.t()
+    if not autocast.accepts(site.runner, x, flat, module):
+        return None
+    return _unflatten(flat)
 
 
 def _training(site: PatchedSite) -> bool:
     """Dropout follows the dropout modules' mode (peft), else the owning module's."""
     module = site.module
-    if _is_peft_layer(module):
-        return any(module.lora_dropout[a].training for a in site.peft_state[0])
+    if site.peft_state is not None:
+        dropouts = module._modules["lora_dropout"]._modules
+        for a in site.peft_state[0]:
+            if dropouts[a].training:
+                return True
+        return False
     return module.training
 
 

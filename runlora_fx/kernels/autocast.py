@@ -15,20 +15,14 @@ import torch
 CAST_BY_AUTOCAST = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype `F.linear` runs in on `device` right now, or None when autocast is off there."""
-    if not torch.is_autocast_enabled(device.type):
-        return None
-    return torch.get_autocast_dtype(device.type)
-
-
 def accepts(runner, x: torch.Tensor, tensors: list[torch.Tensor], module=None) -> bool:
     """`runner.accepts` as the call would see it: after autocast's casts when autocast is on. `tensors` are the
-    site's parameters, the base weight first."""
-    dtype = autocast_dtype(x.device)
-    if dtype is None:
+    site's parameters, the base weight first (None for an absent bias)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):  # checked inline: this runs at every call
         return runner.accepts(x, tensors[0], module)
-    if runner.quant_spec() is not None or any(t.dtype not in CAST_BY_AUTOCAST for t in (x, *tensors)):
+    dtype = torch.get_autocast_dtype(device)
+    if runner.quant_spec() is not None or any(t is not None and t.dtype not in CAST_BY_AUTOCAST for t in (x, *tensors)):
         return False
     like = lambda t: torch.empty((), dtype=dtype, device=t.device).expand(t.shape)  # noqa: E731 - no copy
     return runner.accepts(like(x), like(tensors[0]), module)
@@ -36,9 +30,10 @@ def accepts(runner, x: torch.Tensor, tensors: list[torch.Tensor], module=None) -
 
 def call(runner, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapters, training: bool):
     """`runner(x, weight, bias, adapters, training)`, in autocast's dtype when autocast is on."""
-    dtype = autocast_dtype(x.device)
-    if dtype is None:
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
         return runner(x, weight, bias, adapters, training)
+    dtype = torch.get_autocast_dtype(device)
 
     def cast(t):
         return t if t is None or t.dtype == dtype else t.to(dtype)

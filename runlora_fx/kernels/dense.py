@@ -157,8 +157,10 @@ class LoraLinearRunner:
         on = torch.is_grad_enabled()
         key = [x.shape, x.dtype, x.device, on, on and x.requires_grad, training, weight.shape, weight.dtype,
                weight.requires_grad, get_profile(x.device)]
-        for t in (bias, *(t for ad in adapters for t in ad)):
-            key += (None, None, None) if t is None else (t.shape, t.dtype, t.requires_grad)
+        key += (None, None, None) if bias is None else (bias.shape, bias.dtype, bias.requires_grad)
+        for ad in adapters:  # plain loops: no generator frames on this per-call path
+            for t in ad:
+                key += (None, None, None) if t is None else (t.shape, t.dtype, t.requires_grad)
         key = tuple(key)
         return self.remember(key, lambda: self.plan_for(self.spec_for(x, weight, bias, adapters, training), x.device))
 
