@@ -91,6 +91,13 @@ def test_accelerate_prepare_trains_to_peft_losses():
     assert got == pytest.approx(want, rel=1e-4)
 
 
+def _config(folder):
+    """adapter_config.json, with peft's target_modules (a set, written in its iteration order) sorted."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["target_modules"] = sorted(config["target_modules"])
+    return config
+
+
 def test_save_pretrained_writes_peft_files_and_from_pretrained_optimizes(tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -104,8 +111,7 @@ def test_save_pretrained_writes_peft_files_and_from_pretrained_optimizes(tmp_pat
     ref.save_pretrained(tmp_path / "peft")
     ours, theirs = sorted(p.name for p in (tmp_path / "ours").iterdir()), sorted(p.name for p in (tmp_path / "peft").iterdir())
     assert ours == theirs and "adapter_model.safetensors" in ours
-    assert json.loads((tmp_path / "ours/adapter_config.json").read_text()) == \
-        json.loads((tmp_path / "peft/adapter_config.json").read_text())
+    assert _config(tmp_path / "ours") == _config(tmp_path / "peft")
     a, b = load_file(tmp_path / "ours/adapter_model.safetensors"), load_file(tmp_path / "peft/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
