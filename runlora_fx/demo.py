@@ -1,7 +1,9 @@
-"""The main job behind `make demo`: a small LLaMA with peft LoRA, trained side by side plain and optimized.
+"""The main job behind `make demo`: a small LLaMA with peft LoRA, trained side by side plain and optimized, and
+the floor: the same model with no LoRA at all.
 
-Both models start from the same weights and see the same batches and dropout seeds; steps alternate between
-them (peft, runlora_fx, peft, ...) so machine noise hits both alike, and the median step times are compared.
+All models start from the same weights and see the same batches and dropout seeds; steps rotate between them so
+machine noise hits all alike, and the median step times are compared. The floor (`frozen_copy`) says what LoRA
+costs at all: the share of that cost runlora_fx removes is (peft - runlora_fx) / (peft - frozen).
 Saved-for-backward bytes are counted exactly with `saved_tensors_hooks` on one step of each.
 """
 from __future__ import annotations
@@ -69,6 +71,17 @@ def batches(cfg: DemoConfig, count: int) -> list[torch.Tensor]:
     return out
 
 
+def frozen_copy(peft_model):
+    """The floor: a copy of `peft_model`'s base with the LoRA layers removed, every weight frozen except the
+    RMSNorm weights, so that backward still runs every layer's dX (as the benchmark suite's frozen model)."""
+    model = copy.deepcopy(peft_model).unload()
+    for mod in model.modules():
+        trainable = type(mod).__name__.endswith("RMSNorm")
+        for p in mod.parameters(recurse=False):
+            p.requires_grad_(trainable)
+    return model.train()
+
+
 def saved_bytes_of_step(model, ids: torch.Tensor) -> int:
     """Bytes of the distinct non-parameter tensors autograd keeps from forward to backward in one step."""
     counter = SavedBytes(exclude=model.parameters())
@@ -94,6 +107,7 @@ def run(cfg: DemoConfig, out=print) -> dict:
     torch.manual_seed(cfg.seed)
     peft_model = build_model(cfg)
     ours = copy.deepcopy(peft_model)
+    frozen = frozen_copy(peft_model)
     data = batches(cfg, cfg.steps + 1)
     out(f"runlora_fx demo: {'QLoRA (nf4) ' if cfg.qlora else ''}LLaMA hidden={cfg.hidden} ffn={cfg.ffn} layers={cfg.layers} vocab={cfg.vocab}, "
         f"peft LoRA r={cfg.rank} dropout={cfg.dropout} on {len(PROJECTIONS)} projections, {cfg.dtype}, "
@@ -102,12 +116,13 @@ def run(cfg: DemoConfig, out=print) -> dict:
     optimize(ours, example_kwargs={"input_ids": data[0]})
     out(f"\noptimized {len(optimized_sites(ours))} LoRA sites\n")
     params = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
-    opts = {"peft": torch.optim.AdamW(params(peft_model), lr=1e-3), "runlora_fx": torch.optim.AdamW(params(ours), lr=1e-3)}
-    models = {"peft": peft_model, "runlora_fx": ours}
+    models = {"peft": peft_model, "runlora_fx": ours, "frozen": frozen}
+    opts = {k: torch.optim.AdamW(params(m), lr=1e-3) for k, m in models.items()}
     losses = {k: [] for k in models}
     times = {k: [] for k in models}
     for step, ids in enumerate(data[1:]):
-        order = list(models) if step % 2 == 0 else list(reversed(models))  # alternate who goes first
+        names = list(models)
+        order = names[step % 3:] + names[:step % 3]  # rotate who goes first
         for name in order:
             loss, dt = _step(models[name], opts[name], ids, seed=1000 + step)
             losses[name].append(loss)
@@ -123,8 +138,16 @@ def run(cfg: DemoConfig, out=print) -> dict:
     saved = {k: saved_bytes_of_step(m, data[0]) for k, m in models.items()}
     out(f"\nlosses agree: {'yes' if agree <= tol else 'NO'} (largest relative difference {agree:.2e}, tolerance {tol:g})")
     out(f"median step time (steps 2..{cfg.steps}, interleaved): peft {med['peft']:.3f} s, runlora_fx "
-        f"{med['runlora_fx']:.3f} s, ratio {med['runlora_fx'] / med['peft']:.3f}")
+        f"{med['runlora_fx']:.3f} s, ratio {med['runlora_fx'] / med['peft']:.3f}; frozen model (no LoRA, the floor) "
+        f"{med['frozen']:.3f} s")
+    extra = med["peft"] - med["frozen"]
+    share = (med["peft"] - med["runlora_fx"]) / extra if extra > 0 else float("nan")
+    removed = f"{share:.2f}" if extra > 0 else "n/a (peft was not slower than the floor in this short run)"
+    out(f"LoRA's cost over the floor: peft {med['peft'] / med['frozen']:.2f}x the frozen model; share of it "
+        f"removed by runlora_fx: {removed}")
     out(f"saved for backward per step: peft {saved['peft'] / 2**20:.1f} MiB, runlora_fx "
-        f"{saved['runlora_fx'] / 2**20:.1f} MiB ({100 * (1 - saved['runlora_fx'] / saved['peft']):.1f}% less)")
+        f"{saved['runlora_fx'] / 2**20:.1f} MiB ({100 * (1 - saved['runlora_fx'] / saved['peft']):.1f}% less), "
+        f"frozen model {saved['frozen'] / 2**20:.1f} MiB")
     out("(one short run on a shared machine: the benchmark suite, `runlora-fx bench`, gives the measured figures)")
-    return {"losses": losses, "times": times, "median": med, "saved_bytes": saved, "losses_agree": agree <= tol}
+    return {"losses": losses, "times": times, "median": med, "saved_bytes": saved, "losses_agree": agree <= tol,
+            "share_removed": share}

@@ -26,3 +26,6 @@ def test_tiny_demo_trains_both_and_agrees():
     assert result["losses_agree"] and "losses agree: yes" in text
     assert result["saved_bytes"]["runlora_fx"] < result["saved_bytes"]["peft"]  # dropout 0.05: masks as bools
     assert len(result["losses"]["peft"]) == 3 and "q_proj" in text
+    # the floor: the frozen model (no LoRA) trains beside them, and the share of LoRA's cost removed is reported
+    assert len(result["losses"]["frozen"]) == 3 and "share of it removed by runlora_fx" in text
+    assert result["saved_bytes"]["frozen"] < result["saved_bytes"]["peft"]
