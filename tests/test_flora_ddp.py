@@ -69,8 +69,8 @@ def _free_port():
 
 def test_two_process_ddp_equals_one_process_over_the_union(tmp_path):
     out = str(tmp_path / "params")
-    # fork: the children inherit the imported torch instead of importing it again (CPU only, so fork is safe)
-    torch.multiprocessing.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, start_method="fork")
+    # spawn, not fork: a child forked while the parent holds OpenMP worker threads can hang in its first parallel op
+    torch.multiprocessing.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, start_method="spawn")
     per_rank = [torch.load(f"{out}.{r}") for r in range(WORLD)]
 
     model = _model()

@@ -74,8 +74,8 @@ def _free_port():
 
 def test_two_processes_equal_one_process(tmp_path):
     out = str(tmp_path / "grads")
-    # fork: the children inherit the imported torch instead of importing it again (CPU only, so fork is safe)
-    torch.multiprocessing.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, start_method="fork")
+    # spawn, not fork: a child forked while the parent holds OpenMP worker threads can hang in its first parallel op
+    torch.multiprocessing.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, start_method="spawn")
     ref = tiny_llama(0.0, torch.float64, layers=2)
     loss = sum(ref(input_ids=_batch(r), labels=_batch(r)).loss for r in range(WORLD)) / WORLD
     loss.backward()
