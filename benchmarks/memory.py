@@ -66,7 +66,7 @@ def worker(args: dict) -> dict:
 
     if args.get("threads"):
         torch.set_num_threads(args["threads"])
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, mb.RECOMPILE_LIMIT)
+    mb.configure_dynamo()
     row = mb.ModelRow(**args["row"])
     cfg = mb.ModelConfig(tokens=args["tokens"], compile_scope=args.get("compile_scope", "layers"))
     ids = mb.batch_for(row, cfg)

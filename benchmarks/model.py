@@ -111,8 +111,10 @@ def build_peft_model(row: ModelRow, seed: int = 0):
 
     torch.manual_seed(seed)
     spec = MODELS[row.model]
+    # use_cache=False: a training step needs no KV cache, and the cache's per-layer state is a guard that makes
+    # dynamo compile every decoder layer separately
     cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=1024, num_key_value_heads=spec["num_attention_heads"],
-                      **spec)
+                      use_cache=False, **spec)
     model = LlamaForCausalLM(cfg)
     model = get_peft_model(model, LoraConfig(r=row.rank, lora_alpha=2 * row.rank, lora_dropout=row.dropout,
                                              target_modules=TARGETS))
@@ -327,12 +329,19 @@ def markdown(rows: list[dict]) -> str:
 RECOMPILE_LIMIT = 64  # regional compilation: blocks x requires_grad variants x backends share one code object
 
 
-def run(cfg: ModelConfig, on_row=None, budget_s: float | None = None) -> dict:
-    rows = cfg.rows()
-    log(f"model: {len(rows)} rows")
+def configure_dynamo() -> None:
+    """Room for every contender's graphs of the one decoder-layer code object, and an error instead of a silent
+    eager fallback when that room runs out (a compiled contender that runs eager would measure the wrong thing)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            16 * RECOMPILE_LIMIT)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def run(cfg: ModelConfig, on_row=None, budget_s: float | None = None) -> dict:
+    rows = cfg.rows()
+    log(f"model: {len(rows)} rows")
+    configure_dynamo()
     done, skipped, t_start = [], [], time.perf_counter()
     for idx, row in enumerate(rows):
         if budget_s is not None and time.perf_counter() - t_start > budget_s:

@@ -51,6 +51,7 @@ def model(name: str, rank: int, p: float, dtype: str, contenders=("peft_eager", 
 
     row = mb.ModelRow(name, rank, p, dtype)
     cfg = mb.ModelConfig()
+    mb.configure_dynamo()
     ids = mb.batch_for(row, cfg)
     base = mb.build_peft_model(row)
     out = {"row": row.name, "tokens": list(ids.shape)}
