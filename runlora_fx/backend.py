@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
+from dataclasses import replace
+
 from .config import OptimizeConfig
 from .passes.annotate import annotate
 from .passes.joint import JointPass, SitePlan
@@ -61,11 +63,16 @@ def plan_joint(sites: list[LoraSite], options: SearchOptions,
                codegen: bool = True) -> tuple[JointPass, list[SkippedSite]]:
     """Tag every plannable site and build the joint pass that applies its plan; the others, with reasons.
 
-    A mask is regenerated from its seed only where inductor generates the code (`codegen`): the eager kernel of
-    `inductor_random` ignores its seed, and `fallback_random` keeps ATen's stateful draw."""
+    A mask is regenerated from its seed where inductor generates the code (`codegen`; the eager kernel of
+    `inductor_random` ignores its seed) or where the fast generator draws it (a pure function of its seed);
+    `fallback_random` keeps ATen's stateful draw, and so eager's masks."""
     plans, skipped = {}, []
     readers = x_readers(sites)
-    seed = codegen and not torch._inductor.config.fallback_random
+    fallback = torch._inductor.config.fallback_random
+    if fallback:  # the user asked for ATen's stream (eager's masks): no other generator
+        options = replace(options, dropout_rng="torch")
+    fast = options.dropout_rng == "fast"
+    seed = (codegen or fast) and not fallback
     for site in sites:
         reason = rewrite_reason(site)
         if reason is None and site.quant_compute_dtype is not None:
@@ -78,7 +85,8 @@ def plan_joint(sites: list[LoraSite], options: SearchOptions,
             continue
         sid = len(plans)
         plan = _plan(site, options, readers[site.x], seed)
-        plans[sid] = SitePlan(site.module_path, plan.program, tuple(float(a.scale) for a in site.adapters))
+        plans[sid] = SitePlan(site.module_path, plan.program, tuple(float(a.scale) for a in site.adapters),
+                              fast_masks=fast and plan.spec.any_dropout)
         annotate(site, sid)
     return JointPass(plans), skipped
 
@@ -99,9 +107,23 @@ def compile_joint(gm: torch.fx.GraphModule, example_inputs, pass_: JointPass, in
                       config_patches=patches)
 
 
+def default_dropout_rng(example_inputs) -> str:
+    """The compiled path's mask generator when the user names none. A compiled graph's masks are not eager's
+    anyway (inductor draws its own stream), so the choice is speed alone: on a CPU the fast generator, when the
+    device profile measures it faster than ATen's draw (and inductor's per-element draw is slower still there:
+    26 ms against 2 ms over 1.4 M values, docs/COMPILED.md); elsewhere inductor's draw, fused into its kernels.
+    Under inductor's `fallback_random` (eager's stream asked for, as in parity tests) ATen's draw."""
+    if torch._inductor.config.fallback_random:
+        return "torch"
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    profile = get_profile(device)
+    return "fast" if device.type == "cpu" and profile.fast_rng_rate > profile.rng_rate else "torch"
+
+
 def runlora_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Plan LoRA sites, then compile with the inner compiler."""
     options = {**(options or {}), **kwargs}
+    options.setdefault("dropout_rng", default_dropout_rng(example_inputs))
     lowering = options.pop("lowering", "auto")
     if lowering not in LOWERINGS:
         raise ValueError(f"lowering must be one of {', '.join(LOWERINGS)}, got {lowering!r}")

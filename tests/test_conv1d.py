@@ -60,7 +60,7 @@ def test_backend_step_on_gpt2_equals_peft(dtype):
                              fullgraph=True)
     got = loss_and_grads(compiled, ids())
     assert_step_matches(got, want, None if dtype == torch.float64 else float64_truth(model, ids()))
-    assert sum(r["rewritten"] for r in backend.last_reports) == 8
+    assert sum(r["rewritten"] for r in backend.last_reports) == 8, backend.last_reports
     assert not [s for r in backend.last_reports for s in r["skipped"]]
 
 

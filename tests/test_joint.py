@@ -31,7 +31,8 @@ def _no_caches():
         yield
 
 
-def forced(program: Program | None, graphs: list | None = None, passes: list | None = None, codegen: bool = False):
+def forced(program: Program | None, graphs: list | None = None, passes: list | None = None, codegen: bool = False,
+           dropout_rng: str = "torch"):
     """A dynamo backend that plans every site with `program` (None: the planner's choice) and keeps a summary of
     the partitioned forward and backward graphs in `graphs` (`codegen`: then let inductor generate the code)."""
     from torch._functorch.aot_autograd import make_boxed_func
@@ -44,7 +45,7 @@ def forced(program: Program | None, graphs: list | None = None, passes: list | N
 
     def backend(gm, example_inputs):
         found = match_sites(gm, example_inputs)
-        pass_, _ = plan_joint(found.sites, OptimizeConfig().search_options)
+        pass_, _ = plan_joint(found.sites, OptimizeConfig.from_options({"dropout_rng": dropout_rng}).search_options)
         if program is not None:
             pass_.plans = {k: replace(v, program=program) for k, v in pass_.plans.items()}
         if passes is not None:
@@ -116,16 +117,18 @@ def _summary(gm) -> dict:
     vals = [a.meta["val"] if isinstance(a, torch.fx.Node) else None for a in outputs]
     return {"outputs": [(tuple(v.shape), v.dtype) for v in vals if isinstance(v, torch.Tensor)],
             "mm": [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.target is aten.mm.default],
-            "draws": any(n.target is torch.ops.prims.inductor_random.default for n in gm.graph.nodes)}
+            "draws": any(n.target is torch.ops.prims.inductor_random.default for n in gm.graph.nodes),
+            "fast": sum(n.target is torch.ops.runlora_fx.fast_keep.default for n in gm.graph.nodes)}
 
 
-def _partitioned(program, p=0.1, n=40, codegen=False):
+def _partitioned(program, p=0.1, n=40, codegen=False, dropout_rng="torch"):
     """(forward summary, backward summary, saved (shape, dtype)s, gradients) of `Site` planned with `program`."""
     graphs, model = [], Site(p=p)
     x = torch.randn(n, 16, requires_grad=True)
     torch._dynamo.reset()
     torch.manual_seed(5)
-    torch.compile(model, backend=forced(program, graphs, codegen=codegen), fullgraph=True)(x).square().sum().backward()
+    backend = forced(program, graphs, codegen=codegen, dropout_rng=dropout_rng)
+    torch.compile(model, backend=backend, fullgraph=True)(x).square().sum().backward()
     fw, bw = graphs
     return fw, bw, fw["outputs"][1:], (x.grad, model.lora_A.weight.grad, model.lora_B.weight.grad)
 
@@ -162,6 +165,62 @@ def test_recomputed_u_and_regenerated_mask():
     assert bw["draws"]
     for a, b in zip(grads, grads_kept):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", ["bool", "seed"])
+def test_fast_masks_replace_inductor_draw_and_give_the_masked_step(mask, monkeypatch):
+    """dropout_rng="fast": the joint graph draws each mask with the fast generator from inductor's seed, none with
+    `inductor_random`; "seed" regenerates the same mask in backward (nothing of the mask's size saved), "bool"
+    saves it. The step equals peft's formula evaluated with the recorded mask and the scale 1/(1-p_eff)."""
+    import runlora_fx.kernels.rng as rng
+
+    drawn, draw = [], rng.fast_mask
+    monkeypatch.setattr(rng, "fast_mask", lambda *a, **k: drawn.append((int(a[0]), draw(*a, **k))) or drawn[-1][1])
+    program = Program("chain", "zx", "gu", "split", True, True, mask)
+    fw, bw, saved, grads = _partitioned(program, dropout_rng="fast")
+    assert not fw["draws"] and not bw["draws"] and fw["fast"] == 1 and bw["fast"] == (mask == "seed")
+    assert (((40, 16), torch.bool) in saved) == (mask == "bool")
+    assert len(drawn) == 1 + (mask == "seed") and len({s for s, _ in drawn}) == 1
+    keep = drawn[0][1]
+    assert keep.dtype == torch.bool and all(torch.equal(keep, m) for _, m in drawn)
+    model, x = Site(p=0.1), torch.randn(40, 16, requires_grad=True)  # the same weights and x as _partitioned
+    xd = x * keep / (1 - rng.effective_p(0.1))
+    (model.base(x) + 2.0 * model.lora_B(model.lora_A(xd))).square().sum().backward()
+    for got, want in zip(grads, (x.grad, model.lora_A.weight.grad, model.lora_B.weight.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+def test_backend_default_generator_follows_the_device_profile(monkeypatch):
+    """With no dropout_rng given, the backend draws fast masks on a CPU whose profile measures the fast generator
+    faster than ATen's draw, and keeps the compiled graph's own draw otherwise (and on other devices); under
+    fallback_random (eager's stream asked for) no site is given fast masks."""
+    from runlora_fx.planner.device import get_profile
+
+    cpu = get_profile("cpu")
+    for fast_rate, want in ((cpu.rng_rate * 4, "fast"), (cpu.rng_rate / 4, "torch")):
+        monkeypatch.setattr(backend_mod, "get_profile", lambda d, r=fast_rate: replace(cpu, fast_rng_rate=r))
+        assert backend_mod.default_dropout_rng([torch.zeros(2)]) == want
+        with torch._inductor.config.patch(fallback_random=True):
+            assert backend_mod.default_dropout_rng([torch.zeros(2)]) == "torch"
+    assert backend_mod.default_dropout_rng([torch.zeros(2, device="meta")]) == "torch"
+    found = match_sites(*_captured(tiny_llama(0.1)))
+    fast = OptimizeConfig.from_options({"dropout_rng": "fast"}).search_options
+    assert all(p.fast_masks for p in plan_joint(found.sites, fast)[0].plans.values())
+    with torch._inductor.config.patch(fallback_random=True):
+        assert not any(p.fast_masks for p in plan_joint(found.sites, fast)[0].plans.values())
+
+
+def _captured(model):
+    """dynamo's graph of one forward of `model` and its example inputs."""
+    out = []
+
+    def grab(gm, example_inputs):
+        out.extend((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=grab, fullgraph=True)(input_ids=tokens())
+    return out
 
 
 def test_merged_forward_and_dx_use_one_weight_sum():
