@@ -76,28 +76,24 @@ void outputs(at::mt19937_data_pod& d, uint32_t* out, int64_t count) {
   }
 }
 
-// keep[i] = 1 when the low 53 bits of (w[2i] << 32 | w[2i+1]) are below `threshold`. The pair is read as one
-// little-endian 64-bit word (w[2i] in its low half) so that the loop is lane-wise on 64-bit lanes.
-HOT void compare(const uint32_t* w, int64_t n, int64_t threshold, uint8_t* keep) {
+// out[i] = `one` (the bits of 1 in the output dtype) when the low 53 bits of (w[2i] << 32 | w[2i+1]) are below
+// `threshold`, else 0 (all zero bits in every output dtype). The pair is read as one little-endian 64-bit word
+// (w[2i] in its low half) so that the loop is lane-wise; one copy of it per output width, each vectorized.
+template <typename U>
+__attribute__((always_inline)) inline void compare(const uint32_t* w, int64_t n, int64_t threshold, U one, U* out) {
   for (int64_t i = 0; i < n; ++i) {
     uint64_t v;
     std::memcpy(&v, w + 2 * i, sizeof v);
     int64_t k = static_cast<int64_t>(((v & 0x1fffffu) << 32) | (v >> 32));
-    keep[i] = k < threshold;
+    out[i] = k < threshold ? one : U(0);
   }
 }
 
-HOT void widen_f32(const uint8_t* keep, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(keep[i]);
-}
-
-HOT void widen_f64(const uint8_t* keep, double* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(keep[i]);
-}
-
-// 16-bit floats: 0 is all zero bits, 1 is `one_bits` (0x3f80 for bfloat16, 0x3c00 for half).
-HOT void widen_16(const uint8_t* keep, uint16_t* out, int64_t n, uint16_t one_bits) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint16_t>(keep[i] * one_bits);
+HOT void compare8(const uint32_t* w, int64_t n, int64_t t, uint8_t* out) { compare<uint8_t>(w, n, t, 1, out); }
+HOT void compare16(const uint32_t* w, int64_t n, int64_t t, uint16_t one, uint16_t* out) { compare(w, n, t, one, out); }
+HOT void compare32(const uint32_t* w, int64_t n, int64_t t, uint32_t* out) { compare(w, n, t, 0x3f800000u, out); }
+HOT void compare64(const uint32_t* w, int64_t n, int64_t t, uint64_t* out) {
+  compare<uint64_t>(w, n, t, 0x3ff0000000000000u, out);
 }
 
 bool dtype_supported(at::ScalarType t) {
@@ -127,17 +123,13 @@ bool bernoulli_exact_(at::Tensor& out, double p, std::optional<at::Generator> ge
   if (d.left_ < 1 || static_cast<int64_t>(d.next_) + d.left_ > kN + 1) return false;
 
   alignas(64) uint32_t words[2 * kChunk];
-  alignas(64) uint8_t keep[kChunk];
   for (int64_t start = 0; start < n; start += kChunk) {
     const int64_t m = std::min(kChunk, n - start);
     outputs(d, words, 2 * m);
-    const bool bytes = t == at::kByte || t == at::kBool;
-    uint8_t* dst = bytes ? static_cast<uint8_t*>(base) + start : keep;
-    compare(words, m, threshold, dst);
-    if (t == at::kFloat) widen_f32(keep, static_cast<float*>(base) + start, m);
-    else if (t == at::kDouble) widen_f64(keep, static_cast<double*>(base) + start, m);
-    else if (t == at::kBFloat16) widen_16(keep, static_cast<uint16_t*>(base) + start, m, 0x3f80);
-    else if (t == at::kHalf) widen_16(keep, static_cast<uint16_t*>(base) + start, m, 0x3c00);
+    if (t == at::kByte || t == at::kBool) compare8(words, m, threshold, static_cast<uint8_t*>(base) + start);
+    else if (t == at::kFloat) compare32(words, m, threshold, static_cast<uint32_t*>(base) + start);
+    else if (t == at::kDouble) compare64(words, m, threshold, static_cast<uint64_t*>(base) + start);
+    else compare16(words, m, threshold, t == at::kBFloat16 ? 0x3f80 : 0x3c00, static_cast<uint16_t*>(base) + start);
   }
   engine.set_data(d);
   g->set_engine(engine);
