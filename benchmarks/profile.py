@@ -66,12 +66,14 @@ def model(name: str, rank: int, p: float, dtype: str, contenders=("peft_eager", 
 
 def masks(n: int, i: int, repeats: int = 20) -> dict:
     """Milliseconds (median of `repeats`) of the passes a dropout mask costs over an n x i activation: torch's
-    draw, the fast generator's (as bytes and straight into the float dtype), and x times a byte mask against x
+    draw and the exact kernel's (`kernels.exact_bernoulli`, the same mask; as bytes and in x's dtype, as F.dropout
+    draws it), the fast generator's (as bytes and straight into the float dtype), and x times a byte mask against x
     times a mask already in x's dtype (the widening copy `cost.widening_time` prices)."""
     import time
 
     import torch
 
+    from runlora_fx.kernels.exact_bernoulli import bernoulli_
     from runlora_fx.kernels.rng import fast_mask, new_seed
 
     def ms(fn) -> float:
@@ -89,6 +91,9 @@ def masks(n: int, i: int, repeats: int = 20) -> dict:
         byte, wide = (torch.rand(n, i) > 0.05).to(torch.uint8), (torch.rand(n, i) > 0.05).to(dt)
         out[str(dt).replace("torch.", "")] = {
             "bernoulli_ (torch)": ms(lambda: torch.empty(n, i, dtype=torch.uint8).bernoulli_(0.95)),
+            "bernoulli_ (torch) in dtype": ms(lambda: torch.empty(n, i, dtype=dt).bernoulli_(0.95)),
+            "exact bernoulli_ uint8": ms(lambda: bernoulli_(torch.empty(n, i, dtype=torch.uint8), 0.95)),
+            "exact bernoulli_ in dtype": ms(lambda: bernoulli_(torch.empty(n, i, dtype=dt), 0.95)),
             "fast_mask uint8": ms(lambda: fast_mask(seed, (n, i), 0.05)),
             "fast_mask in dtype": ms(lambda: fast_mask(seed, (n, i), 0.05, dt)),
             "x * uint8 mask": ms(lambda: x * byte), "x * mask in dtype": ms(lambda: x * wide),
