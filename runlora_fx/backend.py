@@ -107,29 +107,35 @@ def compile_joint(gm: torch.fx.GraphModule, example_inputs, pass_: JointPass, in
                       config_patches=patches)
 
 
-def default_dropout_rng(example_inputs) -> str:
+def default_dropout_rng(example_inputs, lowering: str) -> str:
     """The compiled path's mask generator when the user names none. A compiled graph's masks are not eager's
-    anyway (inductor draws its own stream), so the choice is speed alone: on a CPU the fast generator, when the
-    device profile measures it faster than ATen's draw (and inductor's per-element draw is slower still there:
-    26 ms against 2 ms over 1.4 M values, docs/COMPILED.md); elsewhere inductor's draw, fused into its kernels.
-    Under inductor's `fallback_random` (eager's stream asked for, as in parity tests) ATen's draw."""
-    if torch._inductor.config.fallback_random:
-        return "torch"
+    anyway (inductor draws its own stream), so the choice is speed alone, and only a CPU has one to make:
+
+    * joint: "fast", each mask drawn in bulk by `kernels.masks.seeded_keep` from inductor's seed, since inductor's
+      own per-element draw costs 26 ms over 1.4 M values on one thread here against 1.2-1.4 ms;
+    * opaque: whichever of ATen's draw (`kernels.exact_bernoulli`, eager's masks) and the fast generator the
+      device profile measures faster.
+
+    Elsewhere, and under inductor's `fallback_random` (eager's stream asked for, as in parity tests), "torch"."""
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    if torch._inductor.config.fallback_random or device.type != "cpu":
+        return "torch"
+    if lowering == "joint":
+        return "fast"
     profile = get_profile(device)
-    return "fast" if device.type == "cpu" and profile.fast_rng_rate > profile.rng_rate else "torch"
+    return "fast" if profile.fast_rng_rate > profile.rng_rate else "torch"
 
 
 def runlora_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Plan LoRA sites, then compile with the inner compiler."""
     options = {**(options or {}), **kwargs}
-    options.setdefault("dropout_rng", default_dropout_rng(example_inputs))
     lowering = options.pop("lowering", "auto")
     if lowering not in LOWERINGS:
         raise ValueError(f"lowering must be one of {', '.join(LOWERINGS)}, got {lowering!r}")
-    config = OptimizeConfig.from_options(options)
     if lowering == "auto":  # the opaque ops measured faster so far (docs/COMPILED.md: indicative, loaded machine)
         lowering = "opaque"
+    options.setdefault("dropout_rng", default_dropout_rng(example_inputs, lowering))
+    config = OptimizeConfig.from_options(options)
     if lowering == "joint" and config.inner == "eager":
         raise ValueError("lowering='joint' needs inner 'inductor' or 'aot_eager' (it runs in the joint graph)")
     found = match_sites(gm, example_inputs)

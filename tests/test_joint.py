@@ -118,7 +118,7 @@ def _summary(gm) -> dict:
     return {"outputs": [(tuple(v.shape), v.dtype) for v in vals if isinstance(v, torch.Tensor)],
             "mm": [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.target is aten.mm.default],
             "draws": any(n.target is torch.ops.prims.inductor_random.default for n in gm.graph.nodes),
-            "fast": sum(n.target is torch.ops.runlora_fx.fast_keep.default for n in gm.graph.nodes)}
+            "fast": sum(n.target is torch.ops.runlora_fx.seeded_keep.default for n in gm.graph.nodes)}
 
 
 def _partitioned(program, p=0.1, n=40, codegen=False, dropout_rng="torch"):
@@ -169,13 +169,18 @@ def test_recomputed_u_and_regenerated_mask():
 
 @pytest.mark.parametrize("mask", ["bool", "seed"])
 def test_fast_masks_replace_inductor_draw_and_give_the_masked_step(mask, monkeypatch):
-    """dropout_rng="fast": the joint graph draws each mask with the fast generator from inductor's seed, none with
+    """dropout_rng="fast": the joint graph draws each mask with `seeded_keep` from inductor's seed, none with
     `inductor_random`; "seed" regenerates the same mask in backward (nothing of the mask's size saved), "bool"
-    saves it. The step equals peft's formula evaluated with the recorded mask and the scale 1/(1-p_eff)."""
-    import runlora_fx.kernels.rng as rng
+    saves it. The step equals peft's formula evaluated with the recorded mask."""
+    from runlora_fx.kernels import exact_bernoulli
 
-    drawn, draw = [], rng.fast_mask
-    monkeypatch.setattr(rng, "fast_mask", lambda *a, **k: drawn.append((int(a[0]), draw(*a, **k))) or drawn[-1][1])
+    drawn, draw = [], exact_bernoulli.bernoulli_
+
+    def recording(out, p, generator=None):
+        drawn.append((generator.initial_seed(), draw(out, p, generator).clone()))
+        return out
+
+    monkeypatch.setattr(exact_bernoulli, "bernoulli_", recording)
     program = Program("chain", "zx", "gu", "split", True, True, mask)
     fw, bw, saved, grads = _partitioned(program, dropout_rng="fast")
     assert not fw["draws"] and not bw["draws"] and fw["fast"] == 1 and bw["fast"] == (mask == "seed")
@@ -184,25 +189,26 @@ def test_fast_masks_replace_inductor_draw_and_give_the_masked_step(mask, monkeyp
     keep = drawn[0][1]
     assert keep.dtype == torch.bool and all(torch.equal(keep, m) for _, m in drawn)
     model, x = Site(p=0.1), torch.randn(40, 16, requires_grad=True)  # the same weights and x as _partitioned
-    xd = x * keep / (1 - rng.effective_p(0.1))
+    xd = x * keep / (1 - 0.1)
     (model.base(x) + 2.0 * model.lora_B(model.lora_A(xd))).square().sum().backward()
     for got, want in zip(grads, (x.grad, model.lora_A.weight.grad, model.lora_B.weight.grad)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
 
 def test_backend_default_generator_follows_the_device_profile(monkeypatch):
-    """With no dropout_rng given, the backend draws fast masks on a CPU whose profile measures the fast generator
-    faster than ATen's draw, and keeps the compiled graph's own draw otherwise (and on other devices); under
-    fallback_random (eager's stream asked for) no site is given fast masks."""
+    """With no dropout_rng given, the joint lowering on a CPU draws with `seeded_keep`; the opaque one takes the
+    generator the device profile measures faster; other devices, and fallback_random (eager's stream asked
+    for), keep "torch". Under fallback_random no site is given fast masks even when asked."""
     from runlora_fx.planner.device import get_profile
 
     cpu = get_profile("cpu")
     for fast_rate, want in ((cpu.rng_rate * 4, "fast"), (cpu.rng_rate / 4, "torch")):
         monkeypatch.setattr(backend_mod, "get_profile", lambda d, r=fast_rate: replace(cpu, fast_rng_rate=r))
-        assert backend_mod.default_dropout_rng([torch.zeros(2)]) == want
+        assert backend_mod.default_dropout_rng([torch.zeros(2)], "opaque") == want
+        assert backend_mod.default_dropout_rng([torch.zeros(2)], "joint") == "fast"
         with torch._inductor.config.patch(fallback_random=True):
-            assert backend_mod.default_dropout_rng([torch.zeros(2)]) == "torch"
-    assert backend_mod.default_dropout_rng([torch.zeros(2, device="meta")]) == "torch"
+            assert backend_mod.default_dropout_rng([torch.zeros(2)], "joint") == "torch"
+    assert backend_mod.default_dropout_rng([torch.zeros(2, device="meta")], "joint") == "torch"
     found = match_sites(*_captured(tiny_llama(0.1)))
     fast = OptimizeConfig.from_options({"dropout_rng": "fast"}).search_options
     assert all(p.fast_masks for p in plan_joint(found.sites, fast)[0].plans.values())

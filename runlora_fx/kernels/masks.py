@@ -26,6 +26,22 @@ def draw_mask_like(x: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tenso
     return draw_mask(x.shape, dtype, x.device, p)
 
 
+@torch.library.custom_op("runlora_fx::seeded_keep", mutates_args=())
+def seeded_keep(seed: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
+    """The bool keep mask bernoulli(1-p) of `shape`, drawn from a private generator seeded by `seed`: for compiled
+    graphs, where `passes.joint` swaps inductor's per-element draw (26 ms over 1.4 M values on one thread here,
+    against 1.2-1.4 ms for `exact_bernoulli`) for it. A pure function of the seed tensor, so the partitioner may
+    recompute it in backward instead of saving it; the keep probability is exactly 1-p, as inductor's."""
+    gen = torch.Generator(device=seed.device)
+    gen.manual_seed(int(seed))
+    return exact_bernoulli.bernoulli_(torch.empty(shape, dtype=torch.bool, device=seed.device), 1 - p, gen)
+
+
+@seeded_keep.register_fake
+def _(seed: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
+    return seed.new_empty(shape, dtype=torch.bool)
+
+
 def rng_state(device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)

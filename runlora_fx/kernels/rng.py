@@ -56,18 +56,6 @@ def new_seed_like(x: torch.Tensor) -> torch.Tensor:
     return new_seed(x.device)
 
 
-@torch.library.custom_op("runlora_fx::fast_keep", mutates_args=())
-def fast_keep(seed: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
-    """`fast_mask` as a bool keep mask, for compiled graphs (`passes.joint` swaps inductor's per-element draw for
-    it): a pure function of the seed tensor, so the partitioner may recompute it in backward instead of saving it."""
-    return fast_mask(seed, tuple(shape), p, torch.bool)
-
-
-@fast_keep.register_fake
-def _(seed: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
-    return seed.new_empty(shape, dtype=torch.bool)
-
-
 register(StepOp(  # a fast mask's seed, from the global generator (one value per mask)
     "rng_seed", formula=lambda s: f"seed for the mask of {s.args[0]}",
     emit=lambda em, s, a: em.call(new_seed_like, a[0]), reads=False, pricing="bandwidth"))

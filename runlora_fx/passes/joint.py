@@ -16,7 +16,6 @@ autograd's own `s * G`.
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 
@@ -26,8 +25,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.pattern_matcher import stable_topological_sort
 from torch.utils.checkpoint import CheckpointPolicy
 
-from ..kernels.rng import fast_keep
-from ..planner.expr import Program, effective_p
+from ..kernels.masks import seeded_keep
+from ..planner.expr import Program
 from .annotate import tag_of
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -47,7 +46,7 @@ class SitePlan:
     module_path: str
     program: Program
     scales: tuple[float, ...]
-    fast_masks: bool = False  # draw the masks with `kernels.rng.fast_keep` instead of inductor's per-element draw
+    fast_masks: bool = False  # draw the masks with `kernels.masks.seeded_keep` instead of inductor's per-element draw
 
 
 @dataclass
@@ -130,7 +129,6 @@ class _Adapter:
     mask: fx.Node | None  # the bool mask (gt of a random draw, or native_dropout's second output)
     random: list[fx.Node]  # the draw behind the mask (inductor_random), when it can be replayed from its seed
     native_dropout: fx.Node | None  # fallback_random: ATen's op, to be split into mask and multiply
-    unscales: list[fx.Node] | None = None  # the muls by dropout's 1/(1-p) reading the mask (None: other readers)
 
 
 @dataclass
@@ -180,10 +178,7 @@ def _find(g: _Graph, plan: SitePlan, nodes: list[fx.Node]) -> _Site:
                 raise Unsupported(f"adapter {j}: unrecognised backward matmul {n.name} of lora_A")
         if da is not None and _mats(da)[1] is not _mats(fa)[0]:
             raise Unsupported(f"adapter {j}: dA does not read the forward's x_d")
-        ad = _Adapter(fa, fb, db, z, da, dl, *_input_chain(g, _mats(fa)[0], nodes, j))
-        if ad.random and ad.mask.target is aten.gt.Scalar and ad.mask.args[0] is ad.random[1]:
-            ad.unscales = _unscales(ad.mask, ad.mask.args[1])
-        adapters.append(ad)
+        adapters.append(_Adapter(fa, fb, db, z, da, dl, *_input_chain(g, _mats(fa)[0], nodes, j)))
     return _Site(plan, nodes, base, bw[0] if bw else None, adapters)
 
 
@@ -224,33 +219,13 @@ def _input_chain(g: _Graph, xd2: fx.Node, nodes: list[fx.Node], j: int):
     return list(reversed(chain)), mask, random, native
 
 
-def _is_unscale(n: fx.Node, p: float) -> bool:
-    return n.target is aten.mul.Tensor and any(isinstance(a, float) and math.isclose(a, 1 / (1 - p), rel_tol=1e-12)
-                                               for a in n.args)
-
-
-def _unscales(mask: fx.Node, p: float) -> list[fx.Node] | None:
-    """The muls by dropout's 1/(1-p) that read `mask` (x_d's in forward, dX's in backward), directly, through its
-    float cast or through its one product with an activation or a gradient; None when anything else reads it."""
-    found, frontier = [], [(u, 0) for u in mask.users]
-    for n, depth in frontier:
-        if _is_unscale(n, p):
-            found.append(n)
-        elif depth < 2 and n.target in (aten.mul.Tensor, prims.convert_element_type.default):
-            frontier.extend((u, depth + 1) for u in n.users)
-        else:
-            return None
-    return found or None
-
-
 def _check(site: _Site, fallback_random: bool) -> None:
     """Raise Unsupported when the plan needs a structure this graph lacks (before any edit)."""
     p = site.plan.program
     merged = p.forward == "merged" or p.grad_x == "merged"
     for j, ad in enumerate(site.adapters):
-        if site.plan.fast_masks and ad.mask is not None and not (ad.random and ad.unscales):
-            raise Unsupported(f"adapter {j}: the fast mask needs inductor's draw and its 1/(1-p) scales alone "
-                              "on the mask")
+        if site.plan.fast_masks and ad.mask is not None and not _replaceable_draw(ad):
+            raise Unsupported(f"adapter {j}: the mask is not inductor's `inductor_random(shape, seed) > p`")
         if p.mask == "seed" and ad.mask is not None and not ad.random:
             why = "fallback_random keeps ATen's stateful dropout" if fallback_random else "no replayable draw"
             raise Unsupported(f"adapter {j}: the mask cannot be regenerated from a seed ({why})")
@@ -339,7 +314,7 @@ def _apply(g: _Graph, site: _Site) -> None:
 def _apply_adapter(g: _Graph, site: _Site, ad: _Adapter) -> None:
     p = site.plan.program
     xd2, at = _mats(ad.fa)
-    if site.plan.fast_masks and ad.random:
+    if site.plan.fast_masks and ad.mask is not None:
         _fast_draw(g, ad)
     if ad.native_dropout is not None:
         _split_native_dropout(g, ad)
@@ -380,17 +355,21 @@ def _apply_adapter(g: _Graph, site: _Site, ad: _Adapter) -> None:
             _tag(ad.mask, CheckpointPolicy.MUST_SAVE)
 
 
+def _replaceable_draw(ad: _Adapter) -> bool:
+    """Whether the adapter's mask is `inductor_random(shape, seed, "rand") > p` (the decomposition of dropout)."""
+    if len(ad.random) != 2:
+        return False
+    gt, draw = ad.random
+    return gt.target is aten.gt.Scalar and gt.args[0] is draw and draw.args[2] == "rand"
+
+
 def _fast_draw(g: _Graph, ad: _Adapter) -> None:
-    """Swap inductor's per-element draw `inductor_random(shape, seed) > p` for the fast generator's mask of the
-    same seed, and every 1/(1-p) that reads the mask for 1/(1-p_eff), the probability that generator uses."""
+    """Swap inductor's per-element draw `inductor_random(shape, seed) > p` for `seeded_keep` of the same seed: the
+    same keep probability 1-p (so dropout's 1/(1-p) stays right), another stream, drawn in bulk."""
     gt, draw = ad.random
     p, (shape, seed, _) = gt.args[1], draw.args
-    keep = g.make(fast_keep._opoverload, (seed, list(shape), p), gt, gt, backward=False)
+    keep = g.make(seeded_keep._opoverload, (seed, list(shape), p), gt, gt, backward=False)
     gt.replace_all_uses_with(keep)
-    unscale = 1 / (1 - effective_p(p))
-    for n in ad.unscales or ():
-        n.args = tuple(unscale if isinstance(a, float) and math.isclose(a, 1 / (1 - p), rel_tol=1e-12) else a
-                       for a in n.args)
     ad.mask, ad.random = keep, [keep]
 
 

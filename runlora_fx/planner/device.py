@@ -30,7 +30,7 @@ ELEMENTWISE_CALIBRATION_SHAPE = (1024, 1024)
 CALIBRATION_REPEATS = 3
 # Bumped when what calibrate() measures changes, so an older cached file is not read as a current one. Format 2
 # (this one) adds elementwise_rate and measures the LoRA shapes; format-1 files (no version in the name) are ignored.
-PROFILE_FORMAT = 2
+PROFILE_FORMAT = 3  # 3: rng_rate is the registry's draw_mask (kernels.exact_bernoulli where it builds)
 # 4-bit values dequantized per second until calibrate() measures it (bitsandbytes 0.50 on a 2-core CPU: 0.2-1e9).
 DEFAULT_DEQUANTIZE_RATE = {"cpu": 3e8, "cuda": 1e11}
 DEQUANTIZE_CALIBRATION_SHAPE = (2048, 2048)
@@ -302,13 +302,14 @@ def _dequantize_rate(device: torch.device, budget: float) -> float | None:
     return w.numel() / _time(lambda: bnbf.dequantize_4bit(packed, state), device, budget)
 
 
-def _fast_draw(like: torch.Tensor):
-    """The fast generator's draw of a mask like `like` (seed, then mask), as a Plan runs it: through the step-op
-    registry (`kernels.rng` registers the ops), so the planner measures what it prices."""
+def _mask_draw(like: torch.Tensor, fast: bool):
+    """A dropout mask's draw like `like` as a Plan runs it, torch's (`kernels.masks`) or the fast generator's
+    (seed, then mask; `kernels.rng`): through the step-op registry, so the planner measures what it prices."""
     from .expr import Step
     from .graphs import steps_graph
 
-    steps = [Step("rng_seed", "sd", ("x",)), Step("fast_mask", "md", ("sd",), p=0.05, dtype=torch.uint8)]
+    steps = [Step("rng_seed", "sd", ("x",)), Step("fast_mask", "md", ("sd",), p=0.05, dtype=torch.uint8)] if fast \
+        else [Step("draw_mask", "md", ("x",), p=0.05, dtype=torch.uint8)]
     graph = steps_graph(steps, ["x"], {"x": tuple(like.shape), "sd": (), "md": tuple(like.shape)})
     return lambda: graph(like)
 
@@ -334,8 +335,8 @@ def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.b
     overhead = _time(lambda: tiny.add(tiny), device, per)
     dequantize_rate = _dequantize_rate(device, per) or default_profile(device).dequantize_rate
     noise = torch.empty(1024 * 1024, device=device)
-    rng_rate = noise.numel() / _time(lambda: noise.bernoulli_(0.95), device, per)
-    fast_rng_rate = noise.numel() / _time(_fast_draw(noise), device, per)
+    rng_rate = noise.numel() / _time(_mask_draw(noise, fast=False), device, per)
+    fast_rng_rate = noise.numel() / _time(_mask_draw(noise, fast=True), device, per)
     profile = DeviceProfile(device_key(device), rates, bandwidth, overhead, measured=True,
                             meta={"torch": torch.__version__, "threads": torch.get_num_threads(), "when": time.time(),
                                   "format": PROFILE_FORMAT},
