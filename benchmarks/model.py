@@ -17,8 +17,9 @@ Contenders (each its own deep copy of the same initial model and its own AdamW):
 * ``runlora``: ``torch.compile(model, backend="runlora")`` (LoRA sites rewritten, then inductor).
 * ``runlora_fast``: the same with ``options={"dropout_rng": "fast"}`` (not in the default set: one more compile
   per row).
-* ``runlora_joint``: the same with ``options={"lowering": "joint"}``: sites planned inside inductor's joint graph
-  (`passes/joint.py`) instead of the default opaque custom ops (not in the default set).
+* ``runlora_joint`` / ``runlora_opaque``: the same with ``options={"lowering": "joint"}`` (sites planned inside
+  inductor's joint graph, `passes/joint.py`; what "auto" picks for these dense models) or ``"opaque"`` (one
+  custom op per site); not in the default set.
 
 Besides speedups, each row reports the share of LoRA's cost a contender removes, ``(peft - contender) / (peft -
 frozen)``, each path against its own stock and floor: eager contenders against ``peft_eager`` and
@@ -53,17 +54,19 @@ TOKENS = {("60m", "float32"): (1, 512), ("60m", "bfloat16"): (2, 512),
 LORA_CONTENDERS = ("peft_eager", "peft_inductor", "optimize", "runlora")  # the memory suite's (one process each)
 CONTENDERS = ("frozen_eager", "frozen_inductor", "peft_eager", "peft_inductor", "optimize", "optimize_fast",
               "runlora")
-ALL_CONTENDERS = CONTENDERS + ("runlora_fast", "runlora_joint")
+ALL_CONTENDERS = CONTENDERS + ("runlora_fast", "runlora_joint", "runlora_opaque")
+LOWERING = {"runlora_joint": "joint", "runlora_opaque": "opaque"}  # contenders that force the backend's lowering
 FAST = {"optimize_fast": "optimize", "runlora_fast": "runlora"}  # contenders that differ only when there is dropout
 RATIOS = [("peft_eager", "optimize"), ("peft_eager", "optimize_fast"), ("peft_eager", "runlora"),
           ("peft_inductor", "runlora"), ("peft_inductor", "runlora_fast"), ("peft_inductor", "runlora_joint"),
+          ("peft_inductor", "runlora_opaque"),
           ("peft_inductor", "optimize"),
           ("peft_eager", "peft_inductor"),
           ("peft_eager", "frozen_eager"), ("peft_inductor", "frozen_inductor")]  # baseline time / contender
 # (contender, its stock, its floor): the share of LoRA's cost removed, each path against its own peft and floor
 SHARES = [("optimize", "peft_eager", "frozen_eager"), ("optimize_fast", "peft_eager", "frozen_eager"),
           ("runlora", "peft_inductor", "frozen_inductor"), ("runlora_fast", "peft_inductor", "frozen_inductor"),
-          ("runlora_joint", "peft_inductor", "frozen_inductor")]
+          ("runlora_joint", "peft_inductor", "frozen_inductor"), ("runlora_opaque", "peft_inductor", "frozen_inductor")]
 
 
 @dataclass(frozen=True)
@@ -176,14 +179,14 @@ def contender_model(name: str, model, scope: str = "layers"):
         return compile_model(model, "inductor", scope), None
     if name in ("optimize", "optimize_fast"):
         return runlora_fx.optimize(model, **_fast_options(name)), None
-    if name in ("runlora", "runlora_fast", "runlora_joint"):
+    if name in ("runlora", "runlora_fast", *LOWERING):
         backend = _runlora_backend()
         if name != "runlora":
             import functools
 
             from runlora_fx.backend import runlora_backend
 
-            options = {"lowering": "joint"} if name == "runlora_joint" else _fast_options(name)
+            options = {"lowering": LOWERING[name]} if name in LOWERING else _fast_options(name)
             backend = functools.partial(runlora_backend, options=options)
         return compile_model(model, backend, scope), None
     raise ValueError(f"unknown contender {name!r}; valid: {', '.join(ALL_CONTENDERS)}")

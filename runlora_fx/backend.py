@@ -11,8 +11,10 @@ after `pip install` with no import. Options travel in torch.compile's `options` 
   `passes.joint.JointPass` as its joint-graph pass, which re-associates the site's matmuls and fixes its saved set
   inside the joint graph, so inductor still fuses the pointwise work. With inner "aot_eager" the same joint
   passes and partitioner run, and the partitioned aten graphs run eagerly (no code generation).
-* "opaque" (the default, "auto": it measured faster so far, docs/COMPILED.md): each site becomes one custom op (`kernels.ops`) that runs the Plan
-  chosen per call for the actual N.
+* "opaque": each site becomes one custom op (`kernels.ops`) that runs the Plan chosen per call for the actual N.
+
+"auto" (the default, `auto_lowering`) takes "joint", or "opaque" where the graph has a site only the opaque ops
+plan (4-bit, Conv1D) or no joint graph is run (inner "eager").
 
 The last graph's report is kept in `last_reports` for `explain`.
 """
@@ -126,19 +128,28 @@ def default_dropout_rng(example_inputs, lowering: str) -> str:
     return "fast" if profile.fast_rng_rate > profile.rng_rate else "torch"
 
 
+def auto_lowering(sites: list[LoraSite], inner: str) -> str:
+    """"joint" (it measured faster on 3 of the 4 rows of the 60m fp32 step, docs/COMPILED.md), unless the graph
+    runs no joint graph (inner "eager") or has a site only the opaque ops plan (a 4-bit or a Conv1D base)."""
+    if inner == "eager" or any(s.quant_compute_dtype is not None or s.weight_transposed for s in sites):
+        return "opaque"
+    return "joint"
+
+
 def runlora_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Plan LoRA sites, then compile with the inner compiler."""
     options = {**(options or {}), **kwargs}
     lowering = options.pop("lowering", "auto")
     if lowering not in LOWERINGS:
         raise ValueError(f"lowering must be one of {', '.join(LOWERINGS)}, got {lowering!r}")
-    if lowering == "auto":  # the opaque ops measured faster so far (docs/COMPILED.md: indicative, loaded machine)
-        lowering = "opaque"
-    options.setdefault("dropout_rng", default_dropout_rng(example_inputs, lowering))
-    config = OptimizeConfig.from_options(options)
-    if lowering == "joint" and config.inner == "eager":
+    inner = options.get("inner", OptimizeConfig().inner)
+    if lowering == "joint" and inner == "eager":
         raise ValueError("lowering='joint' needs inner 'inductor' or 'aot_eager' (it runs in the joint graph)")
     found = match_sites(gm, example_inputs)
+    if lowering == "auto":
+        lowering = auto_lowering(found.sites, inner)
+    options.setdefault("dropout_rng", default_dropout_rng(example_inputs, lowering))
+    config = OptimizeConfig.from_options(options)
     if lowering == "opaque":
         count, not_rewritten = rewrite_sites(gm, found.sites, config.search_options)
         _report({"lowering": "opaque", "rewritten": count, "skipped": found.skipped + not_rewritten})
