@@ -20,10 +20,10 @@ The last graph's report is kept in `last_reports` for `explain`.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch.fx.experimental.symbolic_shapes import optimization_hint
-
-from dataclasses import replace
 
 from .config import OptimizeConfig
 from .passes.annotate import annotate

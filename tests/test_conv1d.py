@@ -64,6 +64,22 @@ def test_backend_step_on_gpt2_equals_peft(dtype):
     assert not [s for r in backend.last_reports for s in r["skipped"]]
 
 
+def test_backend_plans_gpt2_sites_under_dynamic_shapes():
+    """A second sequence length makes dynamo recompile with symbolic sizes: the Conv1D flatten / unflatten is
+    still recognised there (compared symbolically, without guards) and every site planned. Before, all 8 were
+    skipped as 'not added to a base linear' in the dynamic graph."""
+    from runlora_fx import backend
+
+    model = tiny_gpt2(dtype=torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="runlora", options={"inner": "aot_eager"})
+    loss_and_grads(compiled, ids(seq=8))
+    backend.last_reports.clear()
+    got = loss_and_grads(compiled, ids(seq=11))
+    assert backend.last_reports and sum(r["rewritten"] for r in backend.last_reports) == 8, backend.last_reports
+    assert_step_matches(got, loss_and_grads(model, ids(seq=11)), float64_truth(model, ids(seq=11)))
+
+
 class HandConv1DLoRA(torch.nn.Module):
     """A hand-written LoRA layer over transformers' Conv1D (no peft, so no fan_in_fan_out flag to read)."""
 

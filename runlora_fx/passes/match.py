@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -133,6 +134,15 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return None
 
 
+def _dims(node: fx.Node) -> tuple | None:
+    """The shape of `node`'s value with each symbolic size as its expanded sympy expression: sizes compared
+    structurally, so a dynamic graph is neither guarded nor specialised."""
+    value = _meta_value(node)
+    if not isinstance(value, torch.Tensor):
+        return None
+    return tuple(d if type(d) is int else sympy.expand(d.node.expr) for d in value.shape)
+
+
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """Argument `index`/`name` of a call (positional, else keyword, else `default`); index counts `self`."""
     if len(node.args) > index:
@@ -224,10 +234,10 @@ def _conv1d(node: Any) -> _Linear | None:
     x, out = flat.args[0], next(iter(node.users))
     if not _is_call(out, (torch.reshape,), _VIEW_METHODS):
         return None
-    x_shape, w_shape, out_shape, b_shape = _shape(x), _shape(weight), _shape(out), _shape(bias)
+    x_shape, w_shape, out_shape, b_shape = _dims(x), _shape(weight), _dims(out), _shape(bias)
     if not x_shape or not w_shape or len(w_shape) != 2 or b_shape != (w_shape[1],):
         return None
-    if _shape(flat) != (math.prod(x_shape[:-1]), x_shape[-1]) or out_shape != x_shape[:-1] + (w_shape[1],):
+    if _dims(flat) != (sympy.expand(math.prod(x_shape[:-1])), x_shape[-1]) or out_shape != x_shape[:-1] + (w_shape[1],):
         return None  # exactly the flatten / unflatten of the leading dims: nothing else is folded in
     extra = (flat, node) if set(flat.users) == {node} else (node,)
     return _Linear(out, x, weight, bias, weight_transposed=True, extra=extra)
