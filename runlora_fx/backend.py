@@ -58,7 +58,10 @@ def _plan(site: LoraSite, options: SearchOptions, readers: int, seed: bool):
     training = any(a.dropout_train for a in site.adapters)
     runner = runner_for(site, options, readers)
     spec = runner.spec_from(n, w, _val(site.bias), adapters, training, grads)
-    return search_fused(spec, options, get_profile(x.device), seed=seed)
+    profile = get_profile(x.device)
+    if spec.dropout_rng == "fast":  # the joint pass draws "fast" masks with `seeded_keep`: ATen's draw, in bulk
+        profile = replace(profile, fast_rng_rate=profile.rng_rate)
+    return search_fused(spec, options, profile, seed=seed)
 
 
 def plan_joint(sites: list[LoraSite], options: SearchOptions,
