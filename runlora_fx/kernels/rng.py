@@ -4,8 +4,10 @@ Why: torch's CPU dropout draws one `bernoulli_` value per element from mt19937, 
 that is a quarter of peft's time. Here each mask is drawn from a private generator seeded by one value taken from
 the global generator: the words come from `random_` on int64 (whole 64-bit words), each read as four 16-bit
 integers, and an element is kept when its integer is at or above a threshold. Measured on one thread here over
-1.4 M elements: 2.4 ms against 9 ms for `bernoulli_` (`benchmarks/results` has no separate suite for it; the
-cost model's `fast_rng_rate` is calibrated per device).
+1.4 M elements: 2.4 ms against 9 ms for torch's `bernoulli_` (`benchmarks/results` has no separate suite for it;
+the cost model's `fast_rng_rate` is calibrated per device). Where `kernels.exact_bernoulli` builds, torch's own
+stream is drawn faster still (1.2-1.4 ms, `python -m benchmarks.profile masks 1024 1376`), so this generator pays
+only on devices without it.
 
 What it guarantees:
 
