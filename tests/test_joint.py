@@ -326,3 +326,16 @@ def test_bf16_adapters_on_an_fp32_base_sum_in_fp32():
     assert backend_mod.last_reports[-1]["rewritten"] == 7
     truth = copy.deepcopy(ref).double()
     assert_step_matches(got, loss_and_grads(ref, ids), loss_and_grads(truth, ids))
+
+
+def test_auto_lowering_is_joint_for_dense_sites_and_opaque_where_only_the_ops_plan():
+    """lowering="auto": the joint lowering for a dense LLaMA; the opaque ops when a site is a Conv1D base (the
+    joint pass leaves those to inductor) or when inner="eager" runs no joint graph."""
+    backend_mod.last_reports.clear()
+    torch._dynamo.reset()
+    loss_and_grads(torch.compile(tiny_llama(0.0), backend=runlora_backend, options={"inner": "aot_eager"}), tokens())
+    assert backend_mod.last_reports[-1]["lowering"] == "joint" and backend_mod.last_reports[-1]["rewritten"] == 7
+    found = match_sites(*_captured(tiny_llama(0.0)))
+    assert backend_mod.auto_lowering(found.sites, "eager") == "opaque"
+    assert backend_mod.auto_lowering([replace(found.sites[0], weight_transposed=True)], "inductor") == "opaque"
+    assert backend_mod.auto_lowering(found.sites, "inductor") == "joint"
