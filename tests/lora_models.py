@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import socket
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,13 @@ def tiny_llama(dropout: float = 0.0, dtype: torch.dtype = torch.float32, layers:
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
     return model
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a test's torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tokens(batch: int = 2, seq: int = 10, seed: int = 1) -> torch.Tensor:

@@ -53,7 +53,7 @@ def _run(model, x):
     return [y, x.grad] + [p.grad for p in model.parameters() if p.grad is not None], paths
 
 
-def _check(model, ref, planned):
+def _assert_step_matches(model, ref, planned):
     x = torch.randn(5, 16, dtype=torch.float64)
     (got, paths), (want, _) = _run(model, x), _run(ref, x)
     assert len(got) == len(want)
@@ -75,7 +75,7 @@ def test_a_copy_reads_its_own_tensors(how):
     site = api.optimized_sites(twin)[0]
     own = {id(p) for p in twin.parameters()}
     assert all(id(t) in own for t in site.flat() if t is not None)
-    _check(twin, ref, planned=True)
+    _assert_step_matches(twin, ref, planned=True)
 
 
 def test_a_replaced_adapter_submodule_is_used():
@@ -84,7 +84,7 @@ def test_a_replaced_adapter_submodule_is_used():
         torch.manual_seed(3)
         new = torch.nn.Linear(4, 12, bias=False).double()
         _layer(m).lora_B["default"] = new
-    _check(model, ref, planned=True)
+    _assert_step_matches(model, ref, planned=True)
 
 
 def test_a_weight_that_is_no_longer_a_parameter_runs_the_original_forward():
@@ -95,11 +95,11 @@ def test_a_weight_that_is_no_longer_a_parameter_runs_the_original_forward():
         del base.weight
         base.weight = w  # a plain attribute: read by attribute, and not the Parameter the site was planned for
     assert api.optimized_sites(model)[0].flat()[0] is _layer(model).base_layer.weight
-    _check(model, ref, planned=False)
+    _assert_step_matches(model, ref, planned=False)
 
 
 def test_a_dropout_replaced_by_identity_runs_the_original_forward():
     model, ref = _pair()
     for m in (model, ref):
         _layer(m).lora_dropout["default"] = torch.nn.Identity()
-    _check(model, ref, planned=False)
+    _assert_step_matches(model, ref, planned=False)

@@ -36,7 +36,7 @@ STARTS = {"seed 0": _seeded(0), "seed 12345": _seeded(12345), "seed 2^40+3": _se
 needs_kernel = pytest.mark.skipif(not eb.available(), reason="the exact bernoulli_ kernel is not available here")
 
 
-def _same_as_torch(start, shape, dtype: torch.dtype, q: float) -> None:
+def assert_same_as_torch(start, shape, dtype: torch.dtype, q: float) -> None:
     """Global generator: mask, state and the next uniform and normal draws equal torch's."""
     results = []
     for draw in (lambda out: out.bernoulli_(q), lambda out: eb.bernoulli_(out, q)):
@@ -55,7 +55,7 @@ def _same_as_torch(start, shape, dtype: torch.dtype, q: float) -> None:
 def test_global_generator_matches_torch(start: str, dtype: torch.dtype) -> None:
     for shape in SIZES:
         for q in QS:
-            _same_as_torch(STARTS[start], shape, dtype, q)
+            assert_same_as_torch(STARTS[start], shape, dtype, q)
 
 
 @needs_kernel
@@ -86,7 +86,7 @@ def test_threshold_is_strict_at_the_exact_uniform_value() -> None:
         if u < 0.125:
             break
     for q, first in ((u, 0), (math.nextafter(u, 2.0), 1), (math.nextafter(u, -1.0), 0)):
-        _same_as_torch(_seeded(seed), 5, torch.uint8, q)
+        assert_same_as_torch(_seeded(seed), 5, torch.uint8, q)
         torch.manual_seed(seed)
         assert eb.bernoulli_(torch.empty(5, dtype=torch.uint8), q)[0].item() == first
 
@@ -96,7 +96,7 @@ def test_threshold_is_strict_at_the_exact_uniform_value() -> None:
 @given(n=st.integers(0, 3000), q=st.floats(0.0, 1.0), seed=st.integers(0, 2**32 - 1), pre=st.integers(0, 1300),
        dtype=st.sampled_from(DTYPES))
 def test_random_cases_match_torch(n: int, q: float, seed: int, pre: int, dtype: torch.dtype) -> None:
-    _same_as_torch(_after_randint(seed, pre), n, dtype, q)
+    assert_same_as_torch(_after_randint(seed, pre), n, dtype, q)
 
 
 @needs_kernel

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+from lora_models import free_port
 from torch import nn
 
 from runlora_fx.train import Flora, FloraAccumulator
@@ -61,16 +61,10 @@ def _worker(rank, port, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_equals_one_process_over_the_union(tmp_path):
     out = str(tmp_path / "params")
     # spawn, not fork: a child forked while the parent holds OpenMP worker threads can hang in its first parallel op
-    torch.multiprocessing.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, start_method="spawn")
+    torch.multiprocessing.start_processes(_worker, args=(free_port(), out), nprocs=WORLD, start_method="spawn")
     per_rank = [torch.load(f"{out}.{r}") for r in range(WORLD)]
 
     model = _model()

@@ -378,7 +378,7 @@ def test_the_kernel_layer_does_not_import_the_training_layer():
     assert modules and not any("train" in m for m in modules), modules
 
 
-def _accumulate_beside_the_plain_model(compiled, acc, model, ref, k):
+def _assert_accumulates_beside_the_plain_model(compiled, acc, model, ref, k):
     """k micro-batches through `compiled` (wrapping `model`, accumulated by `acc`) and through the plain `ref`
     with its own accumulator: the weight gradient stays compressed until the sync, and the synced grads agree in
     float64."""
@@ -399,7 +399,7 @@ def test_compiled_model_with_the_accumulator_uses_the_hook_path_correctly():
     k = 2
     model, ref = make(), make()
     compiled = torch.compile(model, backend=runlora_backend, options={"inner": "aot_eager"})
-    _accumulate_beside_the_plain_model(compiled, accumulator(model, accumulation_steps=k), model, ref, k)
+    _assert_accumulates_beside_the_plain_model(compiled, accumulator(model, accumulation_steps=k), model, ref, k)
 
 
 # ------------------------------------------------------------------------------------------------- the cost rule
@@ -448,7 +448,7 @@ def test_compiling_a_planned_model_runs_the_planned_linears_eagerly():
     model, ref = make(), make()
     acc = planned(model, accumulation_steps=k)
     compiled = torch.compile(model, backend="aot_eager")
-    _accumulate_beside_the_plain_model(compiled, acc, model, ref, k)
+    _assert_accumulates_beside_the_plain_model(compiled, acc, model, ref, k)
     assert _runner(acc, "up").calls["direct"] == k
 
 

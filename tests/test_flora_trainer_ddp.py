@@ -9,10 +9,10 @@ process gets over the same global data.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
+from lora_models import free_port
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
@@ -113,17 +113,11 @@ def _worker(rank, port, out):
         torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_trainer_ddp_with_accumulator_equals_one_process_over_the_same_data(tmp_path):
     out = str(tmp_path / "rank")
     # spawn, not fork: accelerate keeps a process-wide singleton state that an earlier single-process Trainer in
     # this pytest process may already have initialised, and a forked child would inherit it.
-    torch.multiprocessing.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, start_method="spawn")
+    torch.multiprocessing.start_processes(_worker, args=(free_port(), out), nprocs=WORLD, start_method="spawn")
     reports = [torch.load(f"{out}.{r}") for r in range(WORLD)]
 
     for rep in reports:

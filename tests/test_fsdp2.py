@@ -7,12 +7,11 @@ DDP keeps the parameters and is checked the same way."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-from lora_models import tiny_llama, tokens
+from lora_models import free_port, tiny_llama, tokens
 
 import runlora_fx
 from runlora_fx.api import optimized_sites
@@ -66,25 +65,19 @@ def _step(rank, mode):
     return planned, reasons, grads
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_process(tmp_path):
     out = str(tmp_path / "grads")
     # spawn, not fork: a child forked while the parent holds OpenMP worker threads can hang in its first parallel op
-    torch.multiprocessing.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, start_method="spawn")
+    torch.multiprocessing.start_processes(_worker, args=(free_port(), out), nprocs=WORLD, start_method="spawn")
     ref = tiny_llama(0.0, torch.float64, layers=2)
     loss = sum(ref(input_ids=_batch(r), labels=_batch(r)).loss for r in range(WORLD)) / WORLD
     loss.backward()
     want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
     for mode in MODES:
-        _check(mode, [torch.load(f"{out}.{mode}.{r}") for r in range(WORLD)], want)
+        _assert_grads_match(mode, [torch.load(f"{out}.{mode}.{r}") for r in range(WORLD)], want)
 
 
-def _check(mode, results, want):
+def _assert_grads_match(mode, results, want):
     for planned, reasons, grads in results:
         if mode == "fully_shard_then_optimize":  # captured on the unsharded parameters: left alone, and says so
             assert planned == 0 and reasons == {"a tensor of the site is not a parameter or buffer of its module"}
