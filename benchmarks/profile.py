@@ -3,6 +3,7 @@
     python -m benchmarks.profile layer 512 1376 2048 8 bfloat16 0.05
     python -m benchmarks.profile model 60m 8 0.05 float32
     python -m benchmarks.profile masks 1024 1376      # drawing a mask and multiplying by it, per dtype
+    python -m benchmarks.profile skinny 512 1376      # LoRA's skinny backward products, plain and other form
 
 Each contender runs `calls` times under `torch.profiler` (after a warm-up); the table lists, per contender, the
 ops with the most self CPU time and their share of the contender's total, so two contenders' tables can be
@@ -101,6 +102,36 @@ def masks(n: int, i: int, repeats: int = 20) -> dict:
     return out
 
 
+def skinny(n: int, o: int, ranks=(4, 8, 16, 64), repeats: int = 20) -> dict:
+    """Milliseconds (median of `repeats`) of Z = G B and dB = G^T U over N = n tokens and o features, as autograd
+    runs them and in the other form `planner.orient` can choose (`device.skinny_forms`), per dtype and rank."""
+    import time
+
+    import torch
+
+    from runlora_fx.planner.device import SKINNY_PRODUCTS, skinny_forms
+
+    def ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2] * 1e3
+
+    out = {"shape": f"N={n} o={o}"}
+    for dt in (torch.float32, torch.bfloat16):
+        g = torch.randn(n, o, dtype=dt)
+        for r in ranks:
+            row = {}
+            for product in SKINNY_PRODUCTS:
+                plain, alt = skinny_forms(product, g, torch.randn(o if product == "gb" else n, r, dtype=dt))
+                row[product] = {"plain ms": round(ms(plain), 4), "other form ms": round(ms(alt), 4)}
+            out[f"{str(dt).replace('torch.', '')} r={r}"] = row
+    return out
+
+
 def _print(result: dict) -> None:
     for k, v in result.items():
         if isinstance(v, dict) and "ops" in v:
@@ -118,6 +149,8 @@ if __name__ == "__main__":
         res = layer(int(i), int(o), int(n), int(r), dt, float(p))
     elif kind == "masks":
         res = masks(*(int(v) for v in rest[:2]))
+    elif kind == "skinny":
+        res = skinny(*(int(v) for v in rest[:2]))
     elif kind == "model":
         m, r, p, dt, *cs = rest
         res = model(m, int(r), float(p), dt, tuple(cs) or ("peft_eager", "optimize"))

@@ -90,8 +90,12 @@ def plan_joint(sites: list[LoraSite], options: SearchOptions,
             continue
         sid = len(plans)
         plan = _plan(site, options, readers[site.x], seed)
+        forms = {s.out: s.form for s in plan.lowered.backward}
+        ks = range(len(site.adapters))
         plans[sid] = SitePlan(site.module_path, plan.program, tuple(float(a.scale) for a in site.adapters),
-                              fast_masks=fast and plan.spec.any_dropout)
+                              fast_masks=fast and plan.spec.any_dropout,
+                              pack_z=tuple(forms.get(f"Z{k}") == "pack" for k in ks),
+                              swap_db=tuple(forms.get(f"dB{k}") == "swap" for k in ks))
         annotate(site, sid)
     return JointPass(plans), skipped
 

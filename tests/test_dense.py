@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,10 +14,14 @@ from runlora_fx.kernels.dense import AdapterConfig, LoraLinearRunner, run_plan
 from runlora_fx.planner.cost import price
 from runlora_fx.planner.device import default_profile
 from runlora_fx.planner.expr import AdapterSpec, SiteSpec, build_steps, enumerate_programs
+from runlora_fx.planner.orient import orient
 from runlora_fx.planner.plan import Plan
 from runlora_fx.saved_bytes import SavedBytes
 
 PROFILE = default_profile("cpu")
+# a profile that measured every skinny product's other form faster (`planner.orient`) at every rank
+ORIENTED = replace(PROFILE, skinny_gain={dt: {"gb": [(1, 2.0), (2048, 2.0)], "gu": [(1, 2.0), (2048, 2.0)]}
+                                         for dt in ("float64", "float32", "bfloat16")})
 
 
 def peft_reference(x, weight, bias, adapters, configs, training):
@@ -78,9 +83,10 @@ def spec_of(case, configs, training):
     return runner.spec_for(x, weight, b, adapters, training)
 
 
-def all_plans(spec):
+def all_plans(spec, oriented=False):
+    """Every program of the space as a Plan; `oriented`: with each skinny product in its other form."""
     for program in enumerate_programs(spec):
-        low = build_steps(spec, program)
+        low = orient(build_steps(spec, program), ORIENTED) if oriented else build_steps(spec, program)
         cost = price(low, PROFILE)
         yield Plan(spec, program, low, cost, cost)
 
@@ -93,14 +99,15 @@ def all_plans(spec):
     bias=st.booleans(), lora_bias=st.booleans(),
     dropout=st.sampled_from([0.0, 0.3]), training=st.booleans(),
     grads=st.tuples(st.booleans(), st.booleans(), st.booleans()),
-    seed=st.integers(0, 2**16),
+    seed=st.integers(0, 2**16), oriented=st.booleans(),
 )
-def test_every_program_matches_peft_formula_float64(lead, i, o, ranks, bias, lora_bias, dropout, training, grads, seed):
+def test_every_program_matches_peft_formula_float64(lead, i, o, ranks, bias, lora_bias, dropout, training, grads, seed,
+                                                    oriented):
     configs = [AdapterConfig(scale=0.5 + k, dropout=dropout, lora_bias=lora_bias) for k in range(len(ranks))]
     case = make_case(seed, lead, i, o, ranks, bias, lora_bias, torch.float64, torch.float64, grads)
     spec = spec_of(case, configs, training)
     n_programs = 0
-    for plan in all_plans(spec):
+    for plan in all_plans(spec, oriented):
         (y, gs), (y_ref, gs_ref) = run_both(plan, case, configs, training, seed)
         torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12, msg=plan.key)
         assert len(gs) == len(gs_ref)
@@ -125,7 +132,7 @@ def test_working_dtypes_within_stock_tolerance(dtype, adapter_dtype, dropout):
     (_, _), (y_stock, g_stock) = run_both(next(iter(all_plans(spec))), case, configs, True)
     err = lambda a, b: (a.double() - b.double()).abs().max().item()  # noqa: E731
     stock_err = [err(y_stock, truth_y)] + [err(g, t) for g, t in zip(g_stock, truth_g)]
-    for plan in all_plans(spec):
+    for plan in [*all_plans(spec), *all_plans(spec, oriented=True)]:
         (y, gs), _ = run_both(plan, case, configs, True)
         assert y.dtype == dtype and all(g.dtype == t.dtype for g, t in zip(gs, g_stock))
         ours = [err(y, truth_y)] + [err(g, t) for g, t in zip(gs, truth_g)]

@@ -32,9 +32,10 @@ def _no_caches():
 
 
 def forced(program: Program | None, graphs: list | None = None, passes: list | None = None, codegen: bool = False,
-           dropout_rng: str = "torch"):
+           dropout_rng: str = "torch", forms: bool = False):
     """A dynamo backend that plans every site with `program` (None: the planner's choice) and keeps a summary of
-    the partitioned forward and backward graphs in `graphs` (`codegen`: then let inductor generate the code)."""
+    the partitioned forward and backward graphs in `graphs` (`codegen`: then let inductor generate the code);
+    `forms`: every skinny product in its other form (`planner.orient`), whatever this machine measured."""
     from torch._functorch.aot_autograd import make_boxed_func
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
@@ -48,6 +49,9 @@ def forced(program: Program | None, graphs: list | None = None, passes: list | N
         pass_, _ = plan_joint(found.sites, OptimizeConfig.from_options({"dropout_rng": dropout_rng}).search_options)
         if program is not None:
             pass_.plans = {k: replace(v, program=program) for k, v in pass_.plans.items()}
+        if forms:
+            pass_.plans = {k: replace(v, pack_z=(True,) * len(v.scales), swap_db=(True,) * len(v.scales))
+                           for k, v in pass_.plans.items()}
         if passes is not None:
             passes.append(pass_)
         return compile_fx(gm, example_inputs, inner_compile=inner, config_patches={"joint_custom_post_pass": pass_})
@@ -72,10 +76,11 @@ def _programs(dropout: float) -> list:
 
 @pytest.mark.parametrize("program", _programs(0.0))
 def test_every_dropout_free_program_equals_peft(program):
+    """With every skinny product in its other form, too (the dropout programs below run the plain forms)."""
     model = tiny_llama(0.0, torch.float32)
     ref, ids, passes = copy.deepcopy(model), tokens(), []
     torch._dynamo.reset()
-    got = loss_and_grads(torch.compile(model, backend=forced(program, passes=passes), fullgraph=True), ids)
+    got = loss_and_grads(torch.compile(model, backend=forced(program, passes=passes, forms=True), fullgraph=True), ids)
     report = passes[-1].report
     # q/k/v of the first layer have no dX (nothing before them trains): a dX merge is reported there, not run
     assert set(report.applied.values()) == {program.key} and len(report.applied) + len(report.left) == 7
@@ -118,16 +123,18 @@ def _summary(gm) -> dict:
     return {"outputs": [(tuple(v.shape), v.dtype) for v in vals if isinstance(v, torch.Tensor)],
             "mm": [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.target is aten.mm.default],
             "draws": any(n.target is torch.ops.prims.inductor_random.default for n in gm.graph.nodes),
-            "fast": sum(n.target is torch.ops.runlora_fx.seeded_keep.default for n in gm.graph.nodes)}
+            "fast": sum(n.target is torch.ops.runlora_fx.seeded_keep.default for n in gm.graph.nodes),
+            "packed": sum(n.target is aten.clone.default and n.kwargs.get("memory_format") is torch.contiguous_format
+                          for n in gm.graph.nodes)}
 
 
-def _partitioned(program, p=0.1, n=40, codegen=False, dropout_rng="torch"):
+def _partitioned(program, p=0.1, n=40, codegen=False, dropout_rng="torch", forms=False):
     """(forward summary, backward summary, saved (shape, dtype)s, gradients) of `Site` planned with `program`."""
     graphs, model = [], Site(p=p)
     x = torch.randn(n, 16, requires_grad=True)
     torch._dynamo.reset()
     torch.manual_seed(5)
-    backend = forced(program, graphs, codegen=codegen, dropout_rng=dropout_rng)
+    backend = forced(program, graphs, codegen=codegen, dropout_rng=dropout_rng, forms=forms)
     torch.compile(model, backend=backend, fullgraph=True)(x).square().sum().backward()
     fw, bw = graphs
     return fw, bw, fw["outputs"][1:], (x.grad, model.lora_A.weight.grad, model.lora_B.weight.grad)
@@ -148,6 +155,41 @@ def test_partitioned_graphs_follow_the_plan():
     assert shapes.count(((40, 16), torch.float32)) == 1  # x alone; x_d is rebuilt in backward
     assert bw["mm"].count((24, 16)) == 1  # T computed once for dA and dB
     assert (4, 16) in bw["mm"] and (24, 4) in bw["mm"]
+
+
+def test_skinny_products_run_in_their_other_form():
+    """pack_z / swap_db: the backward computes dB as (U^T G)^T, an r x o product instead of o x r, and Z from a
+    contiguous copy of B^T; the gradients are the plain forms' (the same sums)."""
+    stock = Program("chain", "zx", "gu", "split", True, True, "bool")
+    _, plain_bw, _, plain = _partitioned(stock, p=0.0)
+    graphs, model = [], Site(p=0.0)
+    x = torch.randn(40, 16, requires_grad=True)
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    torch.compile(model, backend=forced(stock, graphs, forms=True), fullgraph=True)(x).square().sum().backward()
+    bw = graphs[1]
+    assert (24, 4) in plain_bw["mm"] and (4, 24) not in plain_bw["mm"]
+    assert (4, 24) in bw["mm"] and (24, 4) not in bw["mm"] and bw["packed"] == 1 and plain_bw["packed"] == 0
+    for got, want in zip((x.grad, model.lora_A.weight.grad, model.lora_B.weight.grad), plain):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_backend_takes_the_forms_the_profile_measured_faster(monkeypatch):
+    """plan_joint sets pack_z / swap_db from the chosen plan's oriented steps: on with a profile that measured the
+    other forms faster at this rank, off with an uncalibrated one."""
+    from runlora_fx.planner.device import default_profile
+
+    captured = []
+    torch._dynamo.reset()
+    torch.compile(Site(i=256, o=256, p=0.0), backend=lambda gm, ex: captured.extend((gm, ex)) or gm.forward)(
+        torch.randn(512, 256, requires_grad=True))  # a size where the planner keeps dB = G^T U
+    sites = match_sites(*captured).sites
+    fast = replace(default_profile("cpu"), skinny_gain={"float32": {"gb": [(4, 2.0)], "gu": [(4, 3.0)]}})
+    for profile, want in ((default_profile("cpu"), (False,)), (fast, (True,))):
+        monkeypatch.setattr(backend_mod, "get_profile", lambda d, p=profile: p)
+        pass_, _ = plan_joint(sites, OptimizeConfig().search_options)
+        (plan,) = pass_.plans.values()
+        assert plan.program.grad_b == "gu" and plan.swap_db == want and plan.pack_z == want
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@ matmuls (base, x_d A^T, U B^T) and the backward ones (G_s^T U, G_s B, Z^T x_d, Z
 
 * re-associates dB = (G_s^T x_d) A^T and dA = B^T (G_s^T x_d) where the Plan says so, sharing G_s^T x_d;
 * merges dX = G (W + s B A) and the forward x (W + s B A)^T where the Plan says so (one dropout-free adapter);
+* computes Z = G_s B and dB = G_s^T U in the memory order the device multiplies faster where the Plan's steps say
+  so (`planner.orient`: G_s (B^T packed)^T, (U^T G_s)^T);
 * fixes what crosses to backward with the partitioner's recompute policies (`meta["recompute"]`): U saved or
   recomputed, x_d saved or rebuilt from x and the mask, the mask saved as bool or regenerated from its seed
   (inductor's `inductor_random` is a pure function of seed and offset), the merged weight saved or rebuilt.
@@ -47,6 +49,9 @@ class SitePlan:
     program: Program
     scales: tuple[float, ...]
     fast_masks: bool = False  # draw the masks with `kernels.masks.seeded_keep` instead of inductor's per-element draw
+    # per adapter, the skinny products in their faster form (`planner.orient`): Z = G (B^T packed)^T, dB = (U^T G)^T
+    pack_z: tuple[bool, ...] = ()
+    swap_db: tuple[bool, ...] = ()
 
 
 @dataclass
@@ -95,13 +100,13 @@ class _Graph:
         self.has_backward = bool(tangents)
         self.fake_mode = torch._guards.detect_fake_mode([n.meta["val"] for n in graph.nodes if "val" in n.meta])
 
-    def make(self, target, args: tuple, before: fx.Node, tag_like: fx.Node, backward: bool) -> fx.Node:
+    def make(self, target, args: tuple, before: fx.Node, tag_like: fx.Node, backward: bool, **kwargs) -> fx.Node:
         """A new node before `before`, with meta["val"] from running `target` on the arguments' fake values."""
         with self.graph.inserting_before(before):
-            node = self.graph.call_function(target, args)
+            node = self.graph.call_function(target, args, kwargs)
         vals = fx.node.map_arg(args, lambda a: a.meta["val"])
         with self.fake_mode:
-            node.meta["val"] = target(*vals)
+            node.meta["val"] = target(*vals, **kwargs)
         for key in ("custom", "nn_module_stack", "stack_trace"):
             if key in tag_like.meta:
                 node.meta[key] = tag_like.meta[key]
@@ -238,6 +243,14 @@ def _check(site: _Site, fallback_random: bool) -> None:
         _dx_join(site)
     if p.forward == "merged":
         _out_join(site)
+    for j, ad in enumerate(site.adapters):
+        if _flag(site.plan.swap_db, j) and ad.db is not None and p.grad_b == "gu" \
+                and not _is_transpose_of(_mats(ad.db)[0], _mats(ad.db)[0].args[0]):
+            raise Unsupported(f"adapter {j}: dB is not mm(permute(G), U)")
+
+
+def _flag(flags: tuple[bool, ...], j: int) -> bool:
+    return j < len(flags) and flags[j]
 
 
 def _up(n: fx.Node) -> fx.Node | None:
@@ -307,8 +320,28 @@ def _apply(g: _Graph, site: _Site) -> None:
         dx = g.make(aten.mm.default, (g2, merged_weight(site.base_bw, backward=True)), site.base_bw, site.base_bw, True)
         site.base_bw.replace_all_uses_with(dx)
         add.replace_all_uses_with(next(a for a in add.args if _through_views(a) is not site.adapters[0].dl))
-    for ad in site.adapters:
+    for j, ad in enumerate(site.adapters):
         _apply_adapter(g, site, ad)
+        if _flag(site.plan.pack_z, j) and ad.z is not None:
+            _pack_z(g, ad)
+        if _flag(site.plan.swap_db, j) and ad.db is not None and p.grad_b == "gu":
+            _swap_db(g, ad)
+
+
+def _pack_z(g: _Graph, ad: _Adapter) -> None:
+    """Z = G_s B as G_s (B^T copied contiguous)^T: the same sums, the memory order the device multiplies faster."""
+    z, bt = ad.z, _mats(ad.z)[1]
+    packed = g.make(aten.clone.default, (bt.args[0],), z, z, True, memory_format=torch.contiguous_format)
+    z.replace_input_with(bt, g.make(aten.permute.default, (packed, [1, 0]), z, z, True))
+
+
+def _swap_db(g: _Graph, ad: _Adapter) -> None:
+    """dB = G_s^T U as (U^T G_s)^T (`_check` made sure the first operand is permute(G_s))."""
+    db = ad.db
+    gst, u = _mats(db)
+    ut = g.make(aten.permute.default, (u, [1, 0]), db, db, True)
+    prod = g.make(aten.mm.default, (ut, gst.args[0]), db, db, True)
+    db.replace_all_uses_with(g.make(aten.permute.default, (prod, [1, 0]), db, db, True))
 
 
 def _apply_adapter(g: _Graph, site: _Site, ad: _Adapter) -> None:

@@ -3,7 +3,8 @@
 Everything is a small pure function of the steps and their shapes, so the numbers a Plan prints are exactly the
 numbers the search compared. What one step costs is its op's definition in the registry (`planner.ops`): FLOPs,
 kernels, extra bytes, and how its time is bounded. Time is a roofline per step: max(FLOPs / rate, bytes /
-bandwidth) + launch overhead; dequantizing a 4-bit weight is bounded by the device's dequantize rate (values per
+bandwidth) + launch overhead (a skinny product in its faster form, `planner.orient`, at the rate its calibrated
+gain gives); dequantizing a 4-bit weight is bounded by the device's dequantize rate (values per
 second) instead of a FLOP rate.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from .device import DeviceProfile
 from .expr import Lowered, Step
 from .ops import OPS, get as get_op, nbytes
+from .orient import speedup
 
 # the ops the matmul roofline prices
 MATMUL_OPS = tuple(name for name, op in OPS.items() if op.pricing == "matmul")
@@ -66,7 +68,7 @@ def step_time(step: Step, low: Lowered, profile: DeviceProfile) -> float:
         if flops:
             dtype = low.dtypes[step.args[0] if step.op != "addmm" else step.args[1]]
             dims = [d for name in step.args[:3] for d in low.shapes[name] if len(low.shapes[name]) == 2]
-            t = max(t, flops / profile.rate(dtype, min(dims)))
+            t = max(t, flops / profile.rate(dtype, min(dims)) / speedup(step, low, profile))
     elif op.pricing == "elementwise":
         # elementwise passes are compute bound on CPUs: priced at the output dtype's rate (a uint8/bool mask at
         # float32's) over the largest tensor the step touches

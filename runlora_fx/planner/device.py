@@ -30,7 +30,7 @@ ELEMENTWISE_CALIBRATION_SHAPE = (1024, 1024)
 CALIBRATION_REPEATS = 3
 # Bumped when what calibrate() measures changes, so an older cached file is not read as a current one. Format 2
 # (this one) adds elementwise_rate and measures the LoRA shapes; format-1 files (no version in the name) are ignored.
-PROFILE_FORMAT = 3  # 3: rng_rate is the registry's draw_mask (kernels.exact_bernoulli where it builds)
+PROFILE_FORMAT = 4  # 3: rng_rate is the registry's draw_mask (kernels.exact_bernoulli where it builds); 4: skinny_gain
 # 4-bit values dequantized per second until calibrate() measures it (bitsandbytes 0.50 on a 2-core CPU: 0.2-1e9).
 DEFAULT_DEQUANTIZE_RATE = {"cpu": 3e8, "cuda": 1e11}
 DEQUANTIZE_CALIBRATION_SHAPE = (2048, 2048)
@@ -40,6 +40,19 @@ DEFAULT_RNG_RATE = {"cpu": 5e7, "cuda": 5e10}
 # The same for the fast generator (kernels.rng: four mask elements per random 64-bit word and one comparison pass):
 # 6e8 measured on one thread of this machine, unloaded; on a GPU it is as fast as torch's own draw.
 DEFAULT_FAST_RNG_RATE = {"cpu": 3e8, "cuda": 5e10}
+# The two products of LoRA's backward whose output has a skinny second dimension (the rank r), and the equivalent
+# form of each that calibrate() times against the plain call (`planner.orient` applies the faster one):
+#   "gb": Z = G B, B stored o x r (NN layout)  -> G (B^T packed contiguous)^T, a copy of the small B
+#   "gu": dB = G^T U (TN layout)              -> (U^T G)^T, the transposed product, no copy
+# MKL on an AVX2 CPU (torch 2.13, fp32, N=512..2048, r = 4..8) ran the plain forms 1.8-3.2x ("gb") and 2.9-6.1x ("gu")
+# slower; at r >= 16 the plain forms were faster; in bf16 without native support "gb" packed was 3.6-8.8x
+# faster at every rank (`python -m benchmarks.profile skinny`).
+SKINNY_PRODUCTS = ("gb", "gu")
+SKINNY_RANKS = (2, 4, 8, 16, 32, 64)  # the ranks calibrate() times; a product with a wider output is never changed
+SKINNY_CALIBRATION_TOKENS = 1024
+# Which form wins at r >= 16 moved with the width o (fp32, N=1024: "gu" ran 1.6x faster in its other form at
+# o=1024 and 0.85x at o=1376), so a gain is the smaller of two widths': a multiple of 256, and one that is not.
+SKINNY_CALIBRATION_WIDTHS = (512, 1376)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 # CPU bf16 matmul defaults (FLOP/s at smallest dims 8/32/128/512) by how the CPU multiplies bf16. AMX tiles:
@@ -92,6 +105,8 @@ class DeviceProfile:
     rng_rate: float = DEFAULT_RNG_RATE["cpu"]  # dropout noise values drawn per second
     fast_rng_rate: float = DEFAULT_FAST_RNG_RATE["cpu"]  # mask elements per second of kernels.rng.fast_mask
     elementwise_rate: dict[str, float] = field(default_factory=dict)  # elements per second, by dtype name
+    # dtype name -> SKINNY_PRODUCTS name -> [(rank, plain time / other form's time)], measured; empty: not measured
+    skinny_gain: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
 
     def rate(self, dtype: torch.dtype, min_dim: int) -> float:
         """FLOP/s of a matmul whose smallest dimension is `min_dim`, interpolated log-log between points.
@@ -123,6 +138,21 @@ class DeviceProfile:
         rate = self.elementwise_rate.get(_DTYPE_NAMES.get(dtype, "float32")) or self.elementwise_rate.get("float32")
         return max(nbytes / self.bandwidth, numel / rate if rate else 0.0)
 
+    def skinny_speedup(self, product: str, dtype: torch.dtype, rank: int) -> float:
+        """How much faster `product`'s other form ran than the plain call at the calibrated rank nearest `rank` (in
+        log scale; 1.0 when not measured, or when no rank within a factor of 2 was timed).
+
+        >>> p = DeviceProfile("cpu", {}, 1e10, 1e-6, skinny_gain={"float32": {"gu": [(4, 4.0), (8, 3.0), (16, 0.8)]}})
+        >>> p.skinny_speedup("gu", torch.float32, 8), p.skinny_speedup("gu", torch.float32, 12), p.skinny_speedup("gb", torch.float32, 8)
+        (3.0, 0.8, 1.0)
+        """
+        points = self.skinny_gain.get(_DTYPE_NAMES.get(dtype, ""), {}).get(product)
+        if not points:
+            return 1.0
+        dist = lambda p: abs(math.log2(p[0]) - math.log2(max(rank, 1)))  # noqa: E731
+        nearest = min(points, key=lambda p: (dist(p), -p[0]))
+        return nearest[1] if dist(nearest) <= 1 else 1.0
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
@@ -138,6 +168,8 @@ class DeviceProfile:
         d = {**_default_fields(kind), **{k: v for k, v in d.items() if k in known}}
         d["matmul_rate"] = {k: monotone_curve(v) for k, v in d["matmul_rate"].items()}
         d["elementwise_rate"] = {k: float(v) for k, v in d["elementwise_rate"].items()}
+        d["skinny_gain"] = {dt: {prod: [(int(r), float(g)) for r, g in pts] for prod, pts in by.items()}
+                            for dt, by in d["skinny_gain"].items()}
         return cls(**d)
 
 
@@ -200,7 +232,7 @@ def _default_fields(kind: str) -> dict:
         return dict(device="cuda", matmul_rate=rates, bandwidth=1.0e12, launch_overhead=6e-6, measured=False, meta={},
                     dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cuda"], rng_rate=DEFAULT_RNG_RATE["cuda"],
                     fast_rng_rate=DEFAULT_FAST_RNG_RATE["cuda"],
-                    elementwise_rate={"float32": 1e12, "bfloat16": 1e12, "float16": 1e12})
+                    elementwise_rate={"float32": 1e12, "bfloat16": 1e12, "float16": 1e12}, skinny_gain={})
     bf16 = cpu_bf16_support()
     rates = {"float32": [(8, 8e9), (32, 25e9), (128, 45e9), (512, 60e9)],
              "bfloat16": list(_CPU_BF16_MATMUL[bf16]),
@@ -210,7 +242,7 @@ def _default_fields(kind: str) -> dict:
     return dict(device="cpu", matmul_rate=rates, bandwidth=8e9, launch_overhead=8e-6, measured=False,
                 meta={"bf16": bf16}, dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cpu"], rng_rate=DEFAULT_RNG_RATE["cpu"],
                 fast_rng_rate=DEFAULT_FAST_RNG_RATE["cpu"],
-                elementwise_rate=elementwise)
+                elementwise_rate=elementwise, skinny_gain={})
 
 
 def default_profile(device: torch.device | str = "cpu") -> DeviceProfile:
@@ -283,6 +315,29 @@ def _lora_matmul_rate(dtype: torch.dtype, d: int, device: torch.device, budget: 
     return 2.0 * n * big * d / math.exp(sum(math.log(t) for t in times) / len(times))
 
 
+def skinny_forms(product: str, g: torch.Tensor, other: torch.Tensor):
+    """The plain call and the other form of a SKINNY_PRODUCTS product, as two functions of no argument:
+    "gb" takes G (N x o) and B (o x r), "gu" takes G (N x o) and U (N x r)."""
+    if product == "gb":
+        return (lambda: g @ other), (lambda: g @ other.t().contiguous().t())
+    return (lambda: g.t() @ other), (lambda: (other.t() @ g).t())
+
+
+def _skinny_gains(dtype: torch.dtype, device: torch.device, budget: float) -> dict[str, list[tuple[int, float]]]:
+    """Plain time / other form's time of each SKINNY_PRODUCTS product at each SKINNY_RANKS rank, over N =
+    SKINNY_CALIBRATION_TOKENS tokens: the smaller over the SKINNY_CALIBRATION_WIDTHS widths o."""
+    n, widths = SKINNY_CALIBRATION_TOKENS, SKINNY_CALIBRATION_WIDTHS
+    share = budget / (2 * len(SKINNY_PRODUCTS) * len(SKINNY_RANKS) * len(widths))
+    gains = {(p, r): math.inf for p in SKINNY_PRODUCTS for r in SKINNY_RANKS}
+    for o in widths:
+        g = torch.randn(n, o, device=device, dtype=dtype)
+        for product, r in gains:
+            other = torch.randn(o if product == "gb" else n, r, device=device, dtype=dtype)
+            plain, alt = skinny_forms(product, g, other)
+            gains[product, r] = min(gains[product, r], _time(plain, device, share) / _time(alt, device, share))
+    return {p: [(r, gains[p, r]) for r in SKINNY_RANKS] for p in SKINNY_PRODUCTS}
+
+
 def _elementwise_rate(dtype: torch.dtype, device: torch.device, budget: float) -> float:
     """Elements per second of an out-of-place binary multiply, the typical LoRA elementwise pass (mask, scale)."""
     a = torch.randn(*ELEMENTWISE_CALIBRATION_SHAPE, device=device, dtype=dtype)
@@ -316,17 +371,20 @@ def _mask_draw(like: torch.Tensor, fast: bool):
 
 def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.bfloat16), *, save: bool = True,
               seconds: float = 6.0) -> DeviceProfile:
-    """Measure matmul rates on LoRA's shapes, elementwise rates, bandwidth, launch overhead, the RNG rates and
-    (with bitsandbytes) the 4-bit dequantize rate on `device` (about `seconds` s) and cache the result."""
+    """Measure matmul rates on LoRA's shapes, elementwise rates, the skinny products' faster forms, bandwidth,
+    launch overhead, the RNG rates and (with bitsandbytes) the 4-bit dequantize rate on `device` (about `seconds` s) and cache the result."""
     device = torch.device(device)
-    # budget units: one per matmul point (its three forms share it), one per elementwise dtype, and five more
-    per = seconds / (len(dtypes) * (len(CALIBRATION_MIN_DIMS) + 1) + 5)
+    # budget units: one per matmul point (its three forms share it), one per elementwise dtype, one per dtype for
+    # the skinny products' forms, and five more
+    per = seconds / (len(dtypes) * (len(CALIBRATION_MIN_DIMS) + 2) + 5)
     rates: dict[str, list[tuple[int, float]]] = {}
     elementwise: dict[str, float] = {}
+    skinny: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for dt in dtypes:
         name = _DTYPE_NAMES[dt]
         rates[name] = monotone_curve([(d, _lora_matmul_rate(dt, d, device, per)) for d in CALIBRATION_MIN_DIMS])
         elementwise[name] = _elementwise_rate(dt, device, per)
+        skinny[name] = _skinny_gains(dt, device, per)
     src = torch.empty(8 * 1024 * 1024, device=device)  # 32 MB: larger than the caches of the machines this targets
     dst = torch.empty_like(src)
     bandwidth = 2 * src.numel() * src.element_size() / _time(lambda: dst.copy_(src), device, per)
@@ -341,7 +399,7 @@ def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.b
                             meta={"torch": torch.__version__, "threads": torch.get_num_threads(), "when": time.time(),
                                   "format": PROFILE_FORMAT},
                             dequantize_rate=dequantize_rate, rng_rate=rng_rate, fast_rng_rate=fast_rng_rate,
-                            elementwise_rate=elementwise)
+                            elementwise_rate=elementwise, skinny_gain=skinny)
     if save:
         path = _profile_path(device)
         path.parent.mkdir(parents=True, exist_ok=True)

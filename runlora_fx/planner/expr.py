@@ -306,6 +306,7 @@ class Step:
     tb: bool = False
     p: float = 0.0  # dropout probability for mask ops
     dtype: torch.dtype | None = None  # cast target / mask dtype
+    form: str = ""  # mm only: "" the plain call, "swap" (op(b)^T op(a)^T)^T, "pack" op(b) copied to the other order
 
     def formula(self) -> str:
         """The step as algebra, e.g. ``W + 2·B0 A0`` (what Plan tables print)."""

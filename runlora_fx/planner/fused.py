@@ -14,6 +14,7 @@ from .cost import Cost, price, step_time
 from .device import DeviceProfile
 from .expr import STOCK, Lowered, Program, SiteSpec, Step, build_steps, canonical, enumerate_programs
 from .ops import get as get_op
+from .orient import orient
 from .plan import Plan, PlanTable
 from .search import STRATEGIES, SearchOptions
 
@@ -53,7 +54,7 @@ def fused_candidates(spec: SiteSpec, profile: DeviceProfile, seed: bool = True) 
     plans = []
     for program in enumerate_programs(spec):
         if compiled_valid(spec, program, seed):
-            low = build_steps(spec, program)
+            low = orient(build_steps(spec, program), profile)
             plans.append(Plan(spec, program, low, price_fused(low, profile), stock))
     return PlanTable(sorted(plans, key=lambda p: (p.cost.time, p.cost.saved_bytes, p.key)))
 

@@ -142,11 +142,35 @@ register(StepOp(
     expression=lambda s, e: f"add(mm({e[0]},tr({e[1]})),{e[2]})" if len(e) > 2 else f"mm({e[0]},tr({e[1]}))",
     flops=_matmul_flops, pricing="matmul"))
 
+def _mm_formula(s: "Step") -> str:
+    a, b = s.args
+    how = {"swap": f"   [as ({_t(b, not s.tb)} {_t(a, not s.ta)})^T]", "pack": f"   [{b} packed as {b}^T]"}
+    return f"{_s(s)}{_t(a, s.ta)} {_t(b, s.tb)}{how.get(s.form, '')}"
+
+
+def _mm_emit(em: Emitter, s: "Step", a: list[fx.Node]) -> fx.Node:
+    """op(a) @ op(b) in the step's form (`planner.orient`): the same sums in another memory order."""
+    if s.form == "swap":  # (op(b)^T op(a)^T)^T
+        bt, at = (a[1] if s.tb else em.method("t", a[1])), (a[0] if s.ta else em.method("t", a[0]))
+        node = em.method("t", em.call(torch.mm, bt, at))
+    elif s.form == "pack":  # op(b) copied into the transposed memory order, viewed back
+        x, y = _operands(em, s, a[0], a[1])
+        node = em.call(torch.mm, x, em.method("t", em.method("contiguous", em.method("t", y))))
+    else:
+        node = em.call(torch.mm, *_operands(em, s, a[0], a[1]))
+    return _scaled(em, s, node)
+
+
+def _packed_bytes(s: "Step", low: "Lowered") -> int:
+    """A packed operand is read and written once more."""
+    return 2 * nbytes(low.shapes[s.args[1]], low.dtypes[s.args[1]]) if s.form == "pack" else 0
+
+
 register(StepOp(  # alpha op(a) @ op(b)
-    "mm", formula=lambda s: f"{_s(s)}{_t(s.args[0], s.ta)} {_t(s.args[1], s.tb)}",
-    emit=lambda em, s, a: _scaled(em, s, em.call(torch.mm, *_operands(em, s, a[0], a[1]))),
+    "mm", formula=_mm_formula, emit=_mm_emit,
     expression=lambda s, e: f"mm({_tr(e[0], s.ta)},{_tr(e[1], s.tb)})",
-    flops=_matmul_flops, kernels=_scaled_kernels, pricing="matmul"))
+    flops=_matmul_flops, kernels=lambda s: _scaled_kernels(s) + int(s.form == "pack"), extra_bytes=_packed_bytes,
+    pricing="matmul"))
 
 register(StepOp(  # acc + alpha op(a) @ op(b)
     "addmm", formula=lambda s: f"{s.args[0]} + {_s(s)}{_t(s.args[1], s.ta)} {_t(s.args[2], s.tb)}",

@@ -15,6 +15,7 @@ import torch
 from .cost import price
 from .device import DeviceProfile, get_profile
 from .expr import DROPOUT_RNGS, SiteSpec, build_steps, enumerate_programs, stock_program
+from .orient import orient
 from .plan import Plan, PlanTable
 
 Objective = Literal["time", "memory"]
@@ -62,7 +63,7 @@ def candidates(spec: SiteSpec, profile: DeviceProfile | None = None, *, prune: b
     stock = price(build_steps(spec, stock_program(spec)), profile)
     plans = []
     for program in enumerate_programs(spec):
-        low = build_steps(spec, program)
+        low = orient(build_steps(spec, program), profile)
         plans.append(Plan(spec, program, low, price(low, profile), stock))
     if prune:
         plans = [p for p in plans if not any(q.cost.dominates(p.cost) for q in plans)]
