@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         de.add_argument(f"--{name}", type=kind)
     de.add_argument("--dtype", choices=["float32", "bfloat16"])
     de.add_argument("--qlora", action="store_true", default=None, help="4-bit nf4 bases (bitsandbytes), peft's bnb layer")
+    de.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=None,
+                    help="plan with the default device profile when no calibration is cached (no 6 s measurement)")
 
     sub.add_parser("bench", help="the benchmark suite (python -m benchmarks --help)", add_help=False)
 

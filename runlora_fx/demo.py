@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .api import explain, optimize, optimized_sites
+from .planner.device import calibrate, get_profile
 from .saved_bytes import SavedBytes
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -36,6 +37,7 @@ class DemoConfig:
     dtype: str = "float32"
     seed: int = 0
     qlora: bool = False  # bases quantized to bitsandbytes nf4 (double quantization, bf16 compute), peft's bnb layer
+    calibrate: bool = True  # measure the device first when no calibration is cached (the defaults are conservative)
 
 
 def build_model(cfg: DemoConfig):
@@ -112,6 +114,9 @@ def run(cfg: DemoConfig, out=print) -> dict:
     out(f"runlora_fx demo: {'QLoRA (nf4) ' if cfg.qlora else ''}LLaMA hidden={cfg.hidden} ffn={cfg.ffn} layers={cfg.layers} vocab={cfg.vocab}, "
         f"peft LoRA r={cfg.rank} dropout={cfg.dropout} on {len(PROJECTIONS)} projections, {cfg.dtype}, "
         f"batch {cfg.batch}x{cfg.seq}, {torch.get_num_threads()} threads\n")
+    if cfg.calibrate and not get_profile("cpu").measured:
+        out("no calibration of this device is cached: measuring it once (about 6 s; `runlora-fx calibrate`)\n")
+        calibrate("cpu")
     out(str(explain(ours, example_kwargs={"input_ids": data[0]})))
     optimize(ours, example_kwargs={"input_ids": data[0]})
     out(f"\noptimized {len(optimized_sites(ours))} LoRA sites\n")

@@ -108,3 +108,26 @@ def test_model_without_lora_compiles_unchanged():
     out = torch.compile(lin, backend=runlora_backend, options={"inner": "eager"})(x)
     torch.testing.assert_close(out, lin(x))
     assert backend_mod.last_reports[-1]["rewritten"] == 0
+
+
+@pytest.mark.slow
+def test_opaque_ops_return_gradients_in_the_layout_their_fake_declares(monkeypatch):
+    """A skinny product in its other form (`planner.orient`) computes dB as a transposed view; the opaque backward
+    op must still return what its fake implementation declares (contiguous, like the parameter): inductor's
+    generated code checks every extern output's strides (`assert_size_stride`)."""
+    from dataclasses import replace
+
+    import runlora_fx.kernels.dense as dense_mod
+    from runlora_fx.planner.device import default_profile
+
+    everywhere = [(2 ** k, 9.0) for k in range(12)]
+    oriented = replace(default_profile("cpu"), skinny_gain={"float32": {"gb": everywhere, "gu": everywhere}})
+    monkeypatch.setattr(dense_mod, "get_profile", lambda device: oriented)
+    monkeypatch.setattr(ops, "get_profile", lambda device: oriented)
+    planned, plans = ops._planned, []
+    monkeypatch.setattr(ops, "_planned", lambda *a: plans.append(planned(*a)[1]) or planned(*a))
+    model = tiny_llama(0.0, torch.float32)
+    ref, ids = copy.deepcopy(model), tokens(4, 64)  # N = 256; "flops" keeps dB = G^T U and Z = G B at hidden 32
+    got = loss_and_grads(compiled(model, "inductor", lowering="opaque", strategy="flops"), ids)
+    assert any(s.form == "swap" for p in plans for s in p.lowered.backward)  # dB did run as (U^T G)^T
+    assert_step_matches(got, loss_and_grads(ref, ids), float64_truth(ref, ids))

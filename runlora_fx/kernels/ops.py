@@ -115,7 +115,8 @@ def site_backward(grad: torch.Tensor, saved: list[torch.Tensor], weight: torch.T
     runner, plan = _planned(site, grad.shape[0], weight, bias, adapters, grads, training, layout, grad.device)
     params = plan.lowered.signature.join(None, weight, bias, adapters)[1:]
     out = plan.backward_graph.forward(*saved, *params, *_constants(runner, plan), grad.contiguous())
-    return [g for g, flag in zip(out, grads) if flag]
+    # contiguous, as the fake declares: a product in its other form (planner.orient) may hand back a transposed view
+    return [g.contiguous() for g, flag in zip(out, grads) if flag]
 
 
 @site_backward.register_fake
