@@ -29,8 +29,9 @@ ELEMENTWISE_CALIBRATION_SHAPE = (1024, 1024)
 # Each timed point is the fastest of this many short runs' medians (see _time).
 CALIBRATION_REPEATS = 3
 # Bumped when what calibrate() measures changes, so an older cached file is not read as a current one. Format 2
-# (this one) adds elementwise_rate and measures the LoRA shapes; format-1 files (no version in the name) are ignored.
-PROFILE_FORMAT = 4  # 3: rng_rate is the registry's draw_mask (kernels.exact_bernoulli where it builds); 4: skinny_gain
+# added elementwise_rate and the LoRA shapes (format-1 files have no version in the name); 3: rng_rate is the
+# registry's draw_mask (kernels.exact_bernoulli where it builds); 4 (this one): skinny_gain.
+PROFILE_FORMAT = 4
 # 4-bit values dequantized per second until calibrate() measures it (bitsandbytes 0.50 on a 2-core CPU: 0.2-1e9).
 DEFAULT_DEQUANTIZE_RATE = {"cpu": 3e8, "cuda": 1e11}
 DEQUANTIZE_CALIBRATION_SHAPE = (2048, 2048)
@@ -372,7 +373,8 @@ def _mask_draw(like: torch.Tensor, fast: bool):
 def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.bfloat16), *, save: bool = True,
               seconds: float = 6.0) -> DeviceProfile:
     """Measure matmul rates on LoRA's shapes, elementwise rates, the skinny products' faster forms, bandwidth,
-    launch overhead, the RNG rates and (with bitsandbytes) the 4-bit dequantize rate on `device` (about `seconds` s) and cache the result."""
+    launch overhead, the RNG rates and (with bitsandbytes) the 4-bit dequantize rate on `device` (about `seconds`
+    s) and cache the result."""
     device = torch.device(device)
     # budget units: one per matmul point (its three forms share it), one per elementwise dtype, one per dtype for
     # the skinny products' forms, and five more

@@ -142,6 +142,7 @@ register(StepOp(
     expression=lambda s, e: f"add(mm({e[0]},tr({e[1]})),{e[2]})" if len(e) > 2 else f"mm({e[0]},tr({e[1]}))",
     flops=_matmul_flops, pricing="matmul"))
 
+
 def _mm_formula(s: "Step") -> str:
     a, b = s.args
     how = {"swap": f"   [as ({_t(b, not s.tb)} {_t(a, not s.ta)})^T]", "pack": f"   [{b} packed as {b}^T]"}

@@ -34,22 +34,23 @@ def skinny_product(step: Step, low: Lowered) -> str | None:
     return "gu" if step.ta else "gb"
 
 
+def _gain(product: str, step: Step, low: Lowered, profile: DeviceProfile) -> float:
+    return profile.skinny_speedup(product, low.dtypes[step.args[0]], low.shapes[step.args[1]][1])
+
+
 def speedup(step: Step, low: Lowered, profile: DeviceProfile) -> float:
     """How much faster the step's form runs than the plain call, by the profile (1.0 for a plain step)."""
-    product = {"pack": "gb", "swap": "gu"}.get(step.form)
-    if product is None:
-        return 1.0
-    return profile.skinny_speedup(product, low.dtypes[step.args[0]], low.shapes[step.args[1]][1])
+    product = next((p for p, form in FORMS.items() if form == step.form), None) if step.form else None
+    return 1.0 if product is None else _gain(product, step, low, profile)
 
 
 def orient(low: Lowered, profile: DeviceProfile) -> Lowered:
     """`low` with each skinny product in the form the profile measured at least MIN_GAIN faster."""
     def oriented(step: Step) -> Step:
         product = skinny_product(step, low)
-        if product is None:
+        if product is None or _gain(product, step, low, profile) < MIN_GAIN:
             return step
-        gain = profile.skinny_speedup(product, low.dtypes[step.args[0]], low.shapes[step.args[1]][1])
-        return replace(step, form=FORMS[product]) if gain >= MIN_GAIN else step
+        return replace(step, form=FORMS[product])
 
     forward, backward = [oriented(s) for s in low.forward], [oriented(s) for s in low.backward]
     if forward == low.forward and backward == low.backward:
