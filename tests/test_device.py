@@ -157,3 +157,13 @@ def test_step_time_of_elementwise_steps_follows_the_elementwise_rate(dtype):
                 seen_mask = True
                 assert (t1 > t0) == (name == "float32"), s
     assert seen_mask
+
+
+def test_the_suite_never_reads_this_machines_calibration():
+    """tests/conftest.py points the profile cache at a directory of this session, so a calibrated development
+    machine plans the tests as a fresh CI machine does."""
+    import os
+    from pathlib import Path
+
+    assert device_mod.cache_dir() == Path(os.environ["RUNLORA_FX_CACHE"])
+    assert device_mod.cache_dir() != Path.home() / ".cache" / "runlora_fx"

@@ -354,8 +354,11 @@ def test_dequantized_weight_is_kept_only_when_the_plan_says_so():
 
 
 def _compiled(model, inner):
+    """Compiled with the opaque ops drawing peft's own masks (`dropout_rng="torch"`): the tests compare with eager
+    peft's step, and the backend's default generator follows the device profile (`default_dropout_rng`)."""
     torch._dynamo.reset()
-    return torch.compile(model, backend=runlora_backend, options={"inner": inner}, fullgraph=True)
+    return torch.compile(model, backend=runlora_backend, options={"inner": inner, "dropout_rng": "torch"},
+                         fullgraph=True)
 
 
 @pytest.mark.parametrize("inner,peft_layer,offset", [("eager", "bnb", 2), ("aot_eager", "generic", 6)])
