@@ -3,6 +3,7 @@ computes the same sums in every layout, and is priced at its measured gain; peft
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import replace
 
 import pytest
@@ -17,7 +18,7 @@ from runlora_fx.planner.graphs import steps_graph
 from runlora_fx.planner.orient import MIN_GAIN, orient, skinny_product
 from runlora_fx.planner.search import candidates, stock_plan
 
-PLAIN = default_profile("cpu")
+PLAIN = replace(default_profile("cpu"), skinny_gain={})  # no gain measured for anything
 
 
 def measured(gb: float, gu: float, ranks=(2, 4, 8, 16)) -> DeviceProfile:
@@ -31,7 +32,24 @@ def _forms(low) -> dict[str, str]:
     return {s.out: s.form for s in low.forward + low.backward if s.form}
 
 
-def test_uncalibrated_profile_changes_nothing():
+def test_cpu_defaults_orient_fp32_at_small_ranks_only_with_mkl(monkeypatch):
+    """Until calibrate() runs, a CPU with MKL orients fp32 products at r <= 8 (gains below what MKL measured) and
+    nothing from r = 16, in no other dtype; another BLAS gets no default gain."""
+    import runlora_fx.planner.device as device_mod
+
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    mkl = default_profile("cpu")
+    low = build_steps(SPEC, stock_program(SPEC))
+    assert _forms(orient(low, mkl)) == {"Z0": "pack", "dB0": "swap"}
+    wide = SiteSpec(512, 256, 384, (AdapterSpec(16, 2.0, 0.0),))
+    assert _forms(orient(build_steps(wide, stock_program(wide)), mkl)) == {}
+    bf16 = SiteSpec(512, 256, 384, (AdapterSpec(8, 2.0, 0.0),), dtype=torch.bfloat16)
+    assert _forms(orient(build_steps(bf16, stock_program(bf16)), mkl)) == {}
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
+    assert device_mod.default_profile("cpu").skinny_gain == {}
+
+
+def test_profile_without_gains_changes_nothing():
     low = build_steps(SPEC, stock_program(SPEC))
     assert orient(low, PLAIN) is low
     assert all(not _forms(p.lowered) for p in candidates(SPEC, PLAIN, prune=False))
@@ -96,8 +114,8 @@ def test_profile_lookup_rounds_rank_in_log_scale_and_round_trips(tmp_path):
     assert p.skinny_speedup("gu", torch.bfloat16, 8) == 1.0  # bf16 not measured
     back = DeviceProfile.from_json(p.to_json())
     assert back.skinny_gain == p.skinny_gain and isinstance(back.skinny_gain["float32"]["gb"][0], tuple)
-    old = {k: v for k, v in __import__("json").loads(p.to_json()).items() if k != "skinny_gain"}  # a format-3 file
-    assert DeviceProfile.from_json(__import__("json").dumps(old)).skinny_gain == {}
+    old = {k: v for k, v in json.loads(p.to_json()).items() if k != "skinny_gain"}  # a file without the field
+    assert DeviceProfile.from_json(json.dumps(old)).skinny_gain == default_profile("cpu").skinny_gain  # the defaults
 
 
 def test_calibrate_measures_every_product_at_every_rank(monkeypatch):

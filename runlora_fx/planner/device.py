@@ -54,6 +54,10 @@ SKINNY_CALIBRATION_TOKENS = 1024
 # Which form wins at r >= 16 moved with the width o (fp32, N=1024: "gu" ran 1.6x faster in its other form at
 # o=1024 and 0.85x at o=1376), so a gain is the smaller of two widths': a multiple of 256, and one that is not.
 SKINNY_CALIBRATION_WIDTHS = (512, 1376)
+# Until calibrate() runs: on a CPU whose torch multiplies with MKL (x86 builds), fp32 gains at the low end of what
+# it measured here (1.8-6.1x at r = 4..8), below 1 from r = 16, so the defaults orient r <= 11 only; nothing for
+# other dtypes or BLAS libraries, whose kernels were not measured.
+_CPU_MKL_FP32_SKINNY_GAIN = [(2, 1.5), (4, 1.5), (8, 1.5), (16, 0.9), (32, 0.9), (64, 0.9)]
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 # CPU bf16 matmul defaults (FLOP/s at smallest dims 8/32/128/512) by how the CPU multiplies bf16. AMX tiles:
@@ -240,10 +244,12 @@ def _default_fields(kind: str) -> dict:
              "float64": [(8, 4e9), (32, 12e9), (128, 22e9), (512, 30e9)]}
     elementwise = {"float32": 1e9, "bfloat16": _CPU_BF16_ELEMENTWISE[bf16], "float16": _CPU_BF16_ELEMENTWISE[bf16],
                    "float64": 5e8}
+    skinny = {"float32": {p: list(_CPU_MKL_FP32_SKINNY_GAIN) for p in SKINNY_PRODUCTS}} \
+        if torch.backends.mkl.is_available() else {}
     return dict(device="cpu", matmul_rate=rates, bandwidth=8e9, launch_overhead=8e-6, measured=False,
                 meta={"bf16": bf16}, dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cpu"], rng_rate=DEFAULT_RNG_RATE["cpu"],
                 fast_rng_rate=DEFAULT_FAST_RNG_RATE["cpu"],
-                elementwise_rate=elementwise, skinny_gain={})
+                elementwise_rate=elementwise, skinny_gain=skinny)
 
 
 def default_profile(device: torch.device | str = "cpu") -> DeviceProfile:

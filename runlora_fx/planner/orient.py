@@ -4,8 +4,8 @@ Why: a BLAS picks its kernel from the operands' memory order, and for products w
 wide it can pick a slow one. MKL on an AVX2 CPU ran LoRA's Z = G B (B stored o x r) 1.8-3.2x and dB = G^T U 2.9-6.1x
 slower than the same products as G (B^T packed)^T and (U^T G)^T at r = 4..8 (fp32, N = 512..2048; `python -m
 benchmarks.profile skinny`), and faster at r >= 16. Which form wins is a property of the device and its BLAS, so
-`calibrate()` measures it (`DeviceProfile.skinny_gain`) and this pass only reads the measurement: an uncalibrated
-profile changes nothing. The forms are the same sums, so only rounding can differ; stock (peft's) programs are
+`calibrate()` measures it (`DeviceProfile.skinny_gain`) and this pass only reads the profile (whose defaults,
+before calibration, hold gains for fp32 on MKL CPUs only). The forms are the same sums, so only rounding can differ; stock (peft's) programs are
 never oriented, since they are priced as peft runs them.
 """
 from __future__ import annotations
