@@ -65,27 +65,32 @@ def model(name: str, rank: int, p: float, dtype: str, contenders=("peft_eager", 
     return out
 
 
+def _median_ms(fn, repeats: int) -> float:
+    """Milliseconds of one call of `fn`: the median of `repeats` timed calls after one warm-up."""
+    import time
+
+    from .harness import median
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return median(times) * 1e3
+
+
 def masks(n: int, i: int, repeats: int = 20) -> dict:
     """Milliseconds (median of `repeats`) of the passes a dropout mask costs over an n x i activation: torch's
     draw and the exact kernel's (`kernels.exact_bernoulli`, the same mask; as bytes and in x's dtype, as F.dropout
     draws it), the fast generator's (as bytes and straight into the float dtype), and x times a byte mask against x
     times a mask already in x's dtype (the widening copy `cost.widening_time` prices)."""
-    import time
-
     import torch
 
     from runlora_fx.kernels.exact_bernoulli import bernoulli_
     from runlora_fx.kernels.rng import fast_mask, new_seed
 
-    def ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2] * 1e3
-
+    ms = lambda fn: _median_ms(fn, repeats)  # noqa: E731
     seed, out = new_seed(torch.device("cpu")), {"shape": f"{n}x{i}"}
     for dt in (torch.float32, torch.bfloat16):
         x = torch.randn(n, i, dtype=dt)
@@ -105,21 +110,11 @@ def masks(n: int, i: int, repeats: int = 20) -> dict:
 def skinny(n: int, o: int, ranks=(4, 8, 16, 64), repeats: int = 20) -> dict:
     """Milliseconds (median of `repeats`) of Z = G B and dB = G^T U over N = n tokens and o features, as autograd
     runs them and in the other form `planner.orient` can choose (`device.skinny_forms`), per dtype and rank."""
-    import time
-
     import torch
 
     from runlora_fx.planner.device import SKINNY_PRODUCTS, skinny_forms
 
-    def ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2] * 1e3
-
+    ms = lambda fn: _median_ms(fn, repeats)  # noqa: E731
     out = {"shape": f"N={n} o={o}"}
     for dt in (torch.float32, torch.bfloat16):
         g = torch.randn(n, o, dtype=dt)

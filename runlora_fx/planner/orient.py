@@ -19,6 +19,7 @@ from .expr import Lowered, Step
 # a few percent; a rounding change is not worth less).
 MIN_GAIN = 1.10
 FORMS = {"gb": "pack", "gu": "swap"}  # DeviceProfile.skinny_gain's products -> the Step.form that computes them
+PRODUCTS = {form: product for product, form in FORMS.items()}
 
 
 def skinny_product(step: Step, low: Lowered) -> str | None:
@@ -40,7 +41,7 @@ def _gain(product: str, step: Step, low: Lowered, profile: DeviceProfile) -> flo
 
 def speedup(step: Step, low: Lowered, profile: DeviceProfile) -> float:
     """How much faster the step's form runs than the plain call, by the profile (1.0 for a plain step)."""
-    product = next((p for p, form in FORMS.items() if form == step.form), None) if step.form else None
+    product = PRODUCTS.get(step.form)
     return 1.0 if product is None else _gain(product, step, low, profile)
 
 
