@@ -14,6 +14,8 @@ Contenders (each its own deep copy of the same initial model and its own AdamW):
 * ``optimize``: ``runlora_fx.optimize(model)`` (planned nodes patched in place, eager otherwise).
 * ``optimize_fast``: ``runlora_fx.optimize(model, dropout_rng="fast")`` (dropout rows only: without dropout it
   is ``optimize``).
+* ``optimize_tuned``: ``runlora_fx.optimize(model, autotune=True)`` (each site's finalists timed at its first
+  call, `kernels/autotune.py`; not in the default set).
 * ``runlora``: ``torch.compile(model, backend="runlora")`` (LoRA sites rewritten, then inductor).
 * ``runlora_fast``: the same with ``options={"dropout_rng": "fast"}`` (not in the default set: one more compile
   per row).
@@ -54,10 +56,10 @@ TOKENS = {("60m", "float32"): (1, 512), ("60m", "bfloat16"): (2, 512),
 LORA_CONTENDERS = ("peft_eager", "peft_inductor", "optimize", "runlora")  # the memory suite's (one process each)
 CONTENDERS = ("frozen_eager", "frozen_inductor", "peft_eager", "peft_inductor", "optimize", "optimize_fast",
               "runlora")
-ALL_CONTENDERS = CONTENDERS + ("runlora_fast", "runlora_joint", "runlora_opaque")
+ALL_CONTENDERS = CONTENDERS + ("optimize_tuned", "runlora_fast", "runlora_joint", "runlora_opaque")
 LOWERING = {"runlora_joint": "joint", "runlora_opaque": "opaque"}  # contenders that force the backend's lowering
 FAST = {"optimize_fast": "optimize", "runlora_fast": "runlora"}  # contenders that differ only when there is dropout
-RATIOS = [("peft_eager", "optimize"), ("peft_eager", "optimize_fast"), ("peft_eager", "runlora"),
+RATIOS = [("peft_eager", "optimize"), ("peft_eager", "optimize_fast"), ("peft_eager", "optimize_tuned"), ("peft_eager", "runlora"),
           ("peft_inductor", "runlora"), ("peft_inductor", "runlora_fast"), ("peft_inductor", "runlora_joint"),
           ("peft_inductor", "runlora_opaque"),
           ("peft_inductor", "optimize"),
@@ -65,6 +67,7 @@ RATIOS = [("peft_eager", "optimize"), ("peft_eager", "optimize_fast"), ("peft_ea
           ("peft_eager", "frozen_eager"), ("peft_inductor", "frozen_inductor")]  # baseline time / contender
 # (contender, its stock, its floor): the share of LoRA's cost removed, each path against its own peft and floor
 SHARES = [("optimize", "peft_eager", "frozen_eager"), ("optimize_fast", "peft_eager", "frozen_eager"),
+          ("optimize_tuned", "peft_eager", "frozen_eager"),
           ("runlora", "peft_inductor", "frozen_inductor"), ("runlora_fast", "peft_inductor", "frozen_inductor"),
           ("runlora_joint", "peft_inductor", "frozen_inductor"), ("runlora_opaque", "peft_inductor", "frozen_inductor")]
 
@@ -179,6 +182,8 @@ def contender_model(name: str, model, scope: str = "layers"):
         return compile_model(model, "inductor", scope), None
     if name in ("optimize", "optimize_fast"):
         return runlora_fx.optimize(model, **_fast_options(name)), None
+    if name == "optimize_tuned":
+        return runlora_fx.optimize(model, autotune=True), None
     if name in ("runlora", "runlora_fast", *LOWERING):
         backend = _runlora_backend()
         if name != "runlora":

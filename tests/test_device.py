@@ -14,7 +14,7 @@ from runlora_fx.planner.device import DeviceProfile, calibrate, default_profile,
 from runlora_fx.planner.expr import AdapterSpec, SiteSpec, build_steps, enumerate_programs
 
 # steps that step_time prices by other rates than the elementwise one
-NOT_ELEMENTWISE = set(MATMUL_OPS) | {"dequantize", "draw_mask", "redraw_mask", "rng_state"}
+NOT_ELEMENTWISE = set(MATMUL_OPS) | {"dequantize", "draw_mask", "redraw_mask", "rng_state", "pack_bits", "unpack_bits"}
 
 # A profile as the format-1 code wrote it (no elementwise_rate, non-monotone fp32 curve).
 OLD_JSON = json.dumps({
@@ -143,7 +143,6 @@ def test_step_time_of_elementwise_steps_follows_the_elementwise_rate(dtype):
     base = replace(default_profile("cpu"), bandwidth=1e15, elementwise_rate={"float32": 1e9, "bfloat16": 1e9})
     name = "float32" if dtype == torch.float32 else "bfloat16"
     slower = replace(base, elementwise_rate={**base.elementwise_rate, name: 1e8})
-    seen_mask = False
     for program in enumerate_programs(spec):
         low = build_steps(spec, program)
         assert price(low, slower).time > price(low, base).time
@@ -153,10 +152,25 @@ def test_step_time_of_elementwise_steps_follows_the_elementwise_rate(dtype):
                 assert t0 == t1  # matmuls, RNG and dequantize ignore the elementwise rate
             elif low.dtypes[s.out].is_floating_point:
                 assert t1 > t0, s  # priced at the output dtype's rate
-            else:  # a uint8/bool mask is priced at float32's rate, whatever the compute dtype
-                seen_mask = True
+            else:  # a uint8/bool result is priced at float32's rate, whatever the compute dtype
                 assert (t1 > t0) == (name == "float32"), s
-    assert seen_mask
+
+
+def test_bit_packing_is_priced_at_its_own_rates():
+    """A bits mask store's pack and unpack are gathers and shifts, not memory passes: each follows its rate,
+    counted in mask elements (the packed side is an eighth of that)."""
+    spec = SiteSpec(512, 256, 384, (AdapterSpec(8, dropout=0.1),))
+    base = replace(default_profile("cpu"), bandwidth=1e15, launch_overhead=0.0, pack_rate=1e9, unpack_rate=1e9)
+    seen = set()
+    for program in enumerate_programs(spec):
+        low = build_steps(spec, program)
+        for s in low.forward + low.backward:
+            if s.op in ("pack_bits", "unpack_bits"):
+                seen.add(s.op)
+                rate = "pack_rate" if s.op == "pack_bits" else "unpack_rate"
+                assert step_time(s, low, base) == pytest.approx(512 * 256 / 1e9)
+                assert step_time(s, low, replace(base, **{rate: 1e8})) == pytest.approx(512 * 256 / 1e8)
+    assert seen == {"pack_bits", "unpack_bits"}
 
 
 def test_the_suite_never_reads_this_machines_calibration():

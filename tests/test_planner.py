@@ -13,7 +13,7 @@ from runlora_fx.planner import device as device_mod
 from runlora_fx.planner.cost import price
 from runlora_fx.planner.device import DeviceProfile, calibrate, default_profile, get_profile
 from runlora_fx.planner.expr import AdapterSpec, SiteSpec, build_steps, enumerate_programs, expressions, stock_program
-from runlora_fx.planner.search import TIME_TIE, SearchOptions, candidates, search
+from runlora_fx.planner.search import MEMORY_TIE, STRATEGIES, TIME_TIE, SearchOptions, candidates, search
 
 PROFILE = default_profile("cpu")
 
@@ -89,7 +89,22 @@ def test_default_budget_never_exceeds_stock(dropout):
         fastest = min(p.cost.time for p in fits)
         near = [p for p in fits if p.cost.time <= fastest * (1 + TIME_TIE)]
         assert chosen.cost.time <= fastest * (1 + TIME_TIE)  # the fastest, up to the model's tie margin,
-        assert chosen.cost.saved_bytes == min(p.cost.saved_bytes for p in near)  # which goes to the lightest
+        lightest = min(p.cost.saved_bytes for p in near)  # which goes to the lightest,
+        light = [p for p in near if p.cost.saved_bytes <= lightest * (1 + MEMORY_TIE)]  # up to its own tie margin,
+        assert chosen.cost.time == min(p.cost.time for p in light)  # which goes to the faster
+
+
+def test_a_near_tie_in_time_goes_to_a_program_that_saves_clearly_less():
+    """Within the time tie the lighter program wins only when it is lighter by more than MEMORY_TIE."""
+    from types import SimpleNamespace as P
+
+    stock = P(saved_bytes=1000)
+    fast, bit_lighter, much_lighter = (P(key=k, stock=stock, cost=P(time=t, saved_bytes=b)) for k, t, b in
+                                       (("fast", 1.000, 1000), ("bit", 1.028, 995), ("much", 1.029, 800)))
+    choose = STRATEGIES["model"]
+    assert choose([fast, bit_lighter], SearchOptions()) is fast
+    assert choose([fast, bit_lighter, much_lighter], SearchOptions()) is much_lighter
+    assert 995 > 1000 * (1 - MEMORY_TIE) and 1.028 < 1 + TIME_TIE
 
 
 def test_dropout_plan_saves_far_less_than_stock():

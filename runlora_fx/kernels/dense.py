@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from . import autotune
 from ..planner.device import get_profile
 from ..planner.expr import AdapterSpec, QuantSpec, SiteSpec
 from ..planner.plan import Plan
-from ..planner.search import SearchOptions, search
+from ..planner.search import SearchOptions
 from ..planner.signature import SiteSignature
 
 
@@ -142,8 +143,9 @@ class LoraLinearRunner:
                         x_readers=self.x_readers, dropout_rng=self.options.dropout_rng)
 
     def plan_for(self, spec: SiteSpec, device: torch.device, layout: tuple[str, ...] | None = None) -> Plan:
-        """The plan for this call; with `layout`, only programs saving exactly those tensors are considered."""
-        return search(spec, self.options, get_profile(device), layout=layout)
+        """The plan for this call; with `layout`, only programs saving exactly those tensors are considered.
+        With `options.autotune`, the finalists are timed on `device` first (`kernels.autotune`)."""
+        return autotune.plan(spec, self.options, get_profile(device), device, run_plan, layout)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  adapters: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], training: bool) -> torch.Tensor:

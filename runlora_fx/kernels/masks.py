@@ -130,10 +130,12 @@ register(StepOp(
 register(StepOp(
     "pack_bits", formula=lambda s: f"bits({s.args[0]})", emit=lambda em, s, a: em.call(pack_bits, a[0]),
     kernels=lambda s: 1 + _PACK_EXTRA[1],
-    extra_bytes=lambda s, low: _PACK_EXTRA[0] * math.prod(low.shapes[s.args[0]])))
+    extra_bytes=lambda s, low: _PACK_EXTRA[0] * math.prod(low.shapes[s.args[0]]),
+    pricing="throughput", rate="pack_rate"))
 
 register(StepOp(
     "unpack_bits", formula=lambda s: f"unbits({s.args[0]})",
     emit=lambda em, s, a: em.call(unpack_bits, a[0], em.shapes[s.out]),
     kernels=lambda s: 1 + _UNPACK_EXTRA[1],
-    extra_bytes=lambda s, low: _UNPACK_EXTRA[0] * math.prod(low.shapes[s.out])))
+    extra_bytes=lambda s, low: _UNPACK_EXTRA[0] * math.prod(low.shapes[s.out]),
+    pricing="throughput", rate="unpack_rate"))

@@ -61,8 +61,9 @@ def step_time(step: Step, low: Lowered, profile: DeviceProfile) -> float:
     op = get_op(step.op)
     moved = step_bytes(step, low)
     t = moved / profile.bandwidth
-    if op.pricing == "throughput":
-        t = max(t, math.prod(low.shapes[step.out]) / getattr(profile, op.rate))
+    if op.pricing == "throughput":  # elements of the largest tensor touched (a mask packed to bits: its input)
+        numel = max(math.prod(low.shapes[n]) for n in (*step.args, step.out))
+        t = max(t, numel / getattr(profile, op.rate))
     elif op.pricing == "matmul":
         flops = op.flops(step, low.shapes)
         if flops:

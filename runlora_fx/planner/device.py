@@ -30,8 +30,9 @@ ELEMENTWISE_CALIBRATION_SHAPE = (1024, 1024)
 CALIBRATION_REPEATS = 3
 # Bumped when what calibrate() measures changes, so an older cached file is not read as a current one. Format 2
 # added elementwise_rate and the LoRA shapes (format-1 files have no version in the name); 3: rng_rate is the
-# registry's draw_mask (kernels.exact_bernoulli where it builds); 4 (this one): skinny_gain.
-PROFILE_FORMAT = 4
+# registry's draw_mask (kernels.exact_bernoulli where it builds); 4: skinny_gain; 5 (this one): pack_rate and
+# unpack_rate.
+PROFILE_FORMAT = 5
 # 4-bit values dequantized per second until calibrate() measures it (bitsandbytes 0.50 on a 2-core CPU: 0.2-1e9).
 DEFAULT_DEQUANTIZE_RATE = {"cpu": 3e8, "cuda": 1e11}
 DEQUANTIZE_CALIBRATION_SHAPE = (2048, 2048)
@@ -41,6 +42,13 @@ DEFAULT_RNG_RATE = {"cpu": 5e7, "cuda": 5e10}
 # The same for the fast generator (kernels.rng: four mask elements per random 64-bit word and one comparison pass):
 # 6e8 measured on one thread of this machine, unloaded; on a GPU it is as fast as torch's own draw.
 DEFAULT_FAST_RNG_RATE = {"cpu": 3e8, "cuda": 5e10}
+# Mask elements per second through kernels.masks.pack_bits and unpack_bits (a "bits" mask store) until calibrate()
+# measures them. Not memory passes on a CPU: unpacking is a table gather, 2.0-2.5e9 elements/s here over
+# 0.26-2.8 M elements, packing 4.4-6.8e9 (`python -m benchmarks.profile masks`); priced as memory passes they
+# came out 2.5x too cheap at 512 x 512, so the planner took bits where the byte mask measured faster.
+DEFAULT_PACK_RATE = {"cpu": 4e9, "cuda": 1e11}
+DEFAULT_UNPACK_RATE = {"cpu": 2e9, "cuda": 1e11}
+BITS_CALIBRATION_NUMEL = 1024 * 1024
 # The two products of LoRA's backward whose output has a skinny second dimension (the rank r), and the equivalent
 # form of each that calibrate() times against the plain call (`planner.orient` applies the faster one):
 #   "gb": Z = G B, B stored o x r (NN layout)  -> G (B^T packed contiguous)^T, a copy of the small B
@@ -109,6 +117,8 @@ class DeviceProfile:
     dequantize_rate: float = DEFAULT_DEQUANTIZE_RATE["cpu"]  # 4-bit values dequantized per second
     rng_rate: float = DEFAULT_RNG_RATE["cpu"]  # dropout noise values drawn per second
     fast_rng_rate: float = DEFAULT_FAST_RNG_RATE["cpu"]  # mask elements per second of kernels.rng.fast_mask
+    pack_rate: float = DEFAULT_PACK_RATE["cpu"]  # mask elements per second packed to bits
+    unpack_rate: float = DEFAULT_UNPACK_RATE["cpu"]  # mask elements per second unpacked from bits
     elementwise_rate: dict[str, float] = field(default_factory=dict)  # elements per second, by dtype name
     # dtype name -> SKINNY_PRODUCTS name -> [(rank, plain time / other form's time)], measured; empty: not measured
     skinny_gain: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
@@ -236,7 +246,8 @@ def _default_fields(kind: str) -> dict:
         # elementwise passes on a GPU are bandwidth bound: rates far above bandwidth / bytes per element
         return dict(device="cuda", matmul_rate=rates, bandwidth=1.0e12, launch_overhead=6e-6, measured=False, meta={},
                     dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cuda"], rng_rate=DEFAULT_RNG_RATE["cuda"],
-                    fast_rng_rate=DEFAULT_FAST_RNG_RATE["cuda"],
+                    fast_rng_rate=DEFAULT_FAST_RNG_RATE["cuda"], pack_rate=DEFAULT_PACK_RATE["cuda"],
+                    unpack_rate=DEFAULT_UNPACK_RATE["cuda"],
                     elementwise_rate={"float32": 1e12, "bfloat16": 1e12, "float16": 1e12}, skinny_gain={})
     bf16 = cpu_bf16_support()
     rates = {"float32": [(8, 8e9), (32, 25e9), (128, 45e9), (512, 60e9)],
@@ -248,8 +259,8 @@ def _default_fields(kind: str) -> dict:
         if torch.backends.mkl.is_available() else {}
     return dict(device="cpu", matmul_rate=rates, bandwidth=8e9, launch_overhead=8e-6, measured=False,
                 meta={"bf16": bf16}, dequantize_rate=DEFAULT_DEQUANTIZE_RATE["cpu"], rng_rate=DEFAULT_RNG_RATE["cpu"],
-                fast_rng_rate=DEFAULT_FAST_RNG_RATE["cpu"],
-                elementwise_rate=elementwise, skinny_gain=skinny)
+                fast_rng_rate=DEFAULT_FAST_RNG_RATE["cpu"], pack_rate=DEFAULT_PACK_RATE["cpu"],
+                unpack_rate=DEFAULT_UNPACK_RATE["cpu"], elementwise_rate=elementwise, skinny_gain=skinny)
 
 
 def default_profile(device: torch.device | str = "cpu") -> DeviceProfile:
@@ -376,6 +387,21 @@ def _mask_draw(like: torch.Tensor, fast: bool):
     return lambda: graph(like)
 
 
+def _bits_rates(device: torch.device, budget: float) -> tuple[float, float]:
+    """Mask elements per second through the registry's pack_bits and unpack_bits steps (what the planner prices)."""
+    from .expr import Step
+    from .graphs import steps_graph
+
+    n = BITS_CALIBRATION_NUMEL
+    mask = (torch.rand(n, device=device) > 0.05).to(torch.uint8)
+    shapes = {"m": (n,), "p": (n // 8,), "u": (n,)}
+    pack = steps_graph([Step("pack_bits", "p", ("m",))], ["m"], shapes)
+    unpack = steps_graph([Step("unpack_bits", "u", ("p",))], ["p"], shapes)
+    packed = pack(mask)
+    packed = packed[0] if isinstance(packed, (tuple, list)) else packed
+    return n / _time(lambda: pack(mask), device, budget / 2), n / _time(lambda: unpack(packed), device, budget / 2)
+
+
 def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.bfloat16), *, save: bool = True,
               seconds: float = 6.0) -> DeviceProfile:
     """Measure matmul rates on LoRA's shapes, elementwise rates, the skinny products' faster forms, bandwidth,
@@ -383,8 +409,8 @@ def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.b
     s) and cache the result."""
     device = torch.device(device)
     # budget units: one per matmul point (its three forms share it), one per elementwise dtype, one per dtype for
-    # the skinny products' forms, and five more
-    per = seconds / (len(dtypes) * (len(CALIBRATION_MIN_DIMS) + 2) + 5)
+    # the skinny products' forms, and six more
+    per = seconds / (len(dtypes) * (len(CALIBRATION_MIN_DIMS) + 2) + 6)
     rates: dict[str, list[tuple[int, float]]] = {}
     elementwise: dict[str, float] = {}
     skinny: dict[str, dict[str, list[tuple[int, float]]]] = {}
@@ -403,11 +429,13 @@ def calibrate(device: torch.device | str = "cpu", dtypes=(torch.float32, torch.b
     noise = torch.empty(1024 * 1024, device=device)
     rng_rate = noise.numel() / _time(_mask_draw(noise, fast=False), device, per)
     fast_rng_rate = noise.numel() / _time(_mask_draw(noise, fast=True), device, per)
+    pack_rate, unpack_rate = _bits_rates(device, per)
     profile = DeviceProfile(device_key(device), rates, bandwidth, overhead, measured=True,
                             meta={"torch": torch.__version__, "threads": torch.get_num_threads(), "when": time.time(),
                                   "format": PROFILE_FORMAT},
                             dequantize_rate=dequantize_rate, rng_rate=rng_rate, fast_rng_rate=fast_rng_rate,
-                            elementwise_rate=elementwise, skinny_gain=skinny)
+                            pack_rate=pack_rate, unpack_rate=unpack_rate, elementwise_rate=elementwise,
+                            skinny_gain=skinny)
     if save:
         path = _profile_path(device)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,8 +59,8 @@ class StepOp:
     """One step op. `emit(em, step, args)` returns the node computing the step from its argument nodes.
 
     pricing: how `cost.step_time` prices a step beyond its launches: "matmul" (roofline on the device's matmul
-    rate), "elementwise" (the device's elementwise rate over the largest tensor), "throughput" (output elements
-    at the profile rate named `rate`), "bandwidth" (bytes moved only).
+    rate), "elementwise" (the device's elementwise rate over the largest tensor), "throughput" (the largest
+    tensor's elements at the profile rate named `rate`), "bandwidth" (bytes moved only).
     """
 
     name: str

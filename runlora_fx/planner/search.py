@@ -22,6 +22,9 @@ Objective = Literal["time", "memory"]
 # Estimated times closer than this fraction are a tie for objective="time" (the model is not that precise);
 # the tie goes to the program that saves fewer bytes.
 TIME_TIE = 0.03
+# Saved bytes closer than this fraction are a tie for that choice (broken by time).
+MEMORY_TIE = 0.05
+AUTOTUNE_FINALISTS = 4  # what autotune=True times: the estimates of the space's best few lie within a few percent
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class SearchOptions:
     strategy: a name from STRATEGIES.
     dropout_rng: how dropout masks are drawn: "torch" (F.dropout's stream, peft's masks bit for bit) or "fast"
         (`kernels.rng`: another stream, several times faster on a CPU; the runner puts it in the SiteSpec).
+    autotune: how many finalists (the strategy's choice and the next fastest estimates within budget) a site's
+        first call times on the device, running the measured fastest (`kernels.autotune`); 0, the default, runs
+        the strategy's choice. ``True`` means `AUTOTUNE_FINALISTS`.
     """
 
     objective: Objective = "time"
@@ -43,8 +49,13 @@ class SearchOptions:
     time_slack: float = 0.10
     strategy: str = "model"
     dropout_rng: str = "torch"
+    autotune: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.autotune, bool):
+            object.__setattr__(self, "autotune", AUTOTUNE_FINALISTS if self.autotune else 0)
+        if not isinstance(self.autotune, int) or self.autotune < 0:
+            raise ValueError(f"autotune must be True, False or a number of finalists >= 0, got {self.autotune!r}")
         if self.objective not in ("time", "memory"):
             raise ValueError(f"objective must be 'time' or 'memory', got {self.objective!r}")
         if not (isinstance(self.memory_budget, (int, float)) and self.memory_budget >= 0):
@@ -86,12 +97,16 @@ def _within_budget(plans: PlanTable, options: SearchOptions) -> list[Plan]:
 
 def _by_model(plans: PlanTable, options: SearchOptions) -> Plan:
     """The cost model's choice: fastest within budget (estimates closer than TIME_TIE count as a tie, broken
-    by saved bytes), or for objective="memory" the lightest within the time slack."""
+    by saved bytes), or for objective="memory" the lightest within the time slack. Saved bytes closer than
+    MEMORY_TIE to the lightest's are a tie too, broken by time: a program 3 % slower is not taken for 0.5 % less
+    memory."""
     fits = _within_budget(plans, options)
     fastest = min(fits, key=lambda p: p.cost.time)
     slack = TIME_TIE if options.objective == "time" else options.time_slack
     near = [p for p in fits if p.cost.time <= fastest.cost.time * (1 + slack)]
-    return min(near, key=lambda p: (p.cost.saved_bytes, p.cost.time))
+    lightest = min(p.cost.saved_bytes for p in near)
+    light = [p for p in near if p.cost.saved_bytes <= lightest * (1 + MEMORY_TIE)]
+    return min(light, key=lambda p: (p.cost.time, p.cost.saved_bytes))
 
 
 def _by_flops(plans: PlanTable, options: SearchOptions) -> Plan:
@@ -108,15 +123,35 @@ Strategy = Callable[[PlanTable, SearchOptions], Plan]
 STRATEGIES: dict[str, Strategy] = {"model": _by_model, "flops": _by_flops, "lightest": _lightest}
 
 
-@lru_cache(maxsize=4096)
-def _search_cached(spec: SiteSpec, options: SearchOptions, profile: DeviceProfile, layout: tuple[str, ...] | None) -> Plan:
+def _table(spec: SiteSpec, profile: DeviceProfile, layout: tuple[str, ...] | None) -> PlanTable:
     plans = candidates(spec, profile, prune=False)
     if layout is not None:
         plans = PlanTable(p for p in plans if tuple(p.lowered.saved) == layout)
         if not plans:
             raise ValueError(f"no program saves exactly {layout} for {spec}")
-    chosen = STRATEGIES[options.strategy](plans, options)
-    return Plan(chosen.spec, chosen.program, chosen.lowered, chosen.cost, chosen.stock, strategy=options.strategy)
+    return plans
+
+
+def _as_chosen(plan: Plan, strategy: str) -> Plan:
+    return Plan(plan.spec, plan.program, plan.lowered, plan.cost, plan.stock, strategy=strategy)
+
+
+@lru_cache(maxsize=4096)
+def _search_cached(spec: SiteSpec, options: SearchOptions, profile: DeviceProfile, layout: tuple[str, ...] | None) -> Plan:
+    plans = _table(spec, profile, layout)
+    return _as_chosen(STRATEGIES[options.strategy](plans, options), options.strategy)
+
+
+def finalists(spec: SiteSpec, options: SearchOptions, profile: DeviceProfile | None = None, k: int = AUTOTUNE_FINALISTS,
+              layout: tuple[str, ...] | None = None) -> list[Plan]:
+    """What autotuning times: the strategy's choice first, then the programs with the fastest estimates that fit
+    the memory budget, `k` in all (fewer when fewer fit). For objective="memory" only programs saving no more
+    than the choice, so that timing never trades away the memory the objective asked for."""
+    profile = profile or get_profile("cpu")
+    chosen = search(spec, options, profile, layout)
+    others = [p for p in _within_budget(_table(spec, profile, layout), options) if p.key != chosen.key
+              and (options.objective == "time" or p.cost.saved_bytes <= chosen.cost.saved_bytes)]
+    return [chosen] + [_as_chosen(p, options.strategy) for p in sorted(others, key=lambda p: p.cost.time)[:max(k - 1, 0)]]
 
 
 def search(spec: SiteSpec, options: SearchOptions = SearchOptions(), profile: DeviceProfile | None = None,
