@@ -1,5 +1,6 @@
 """Per-call cost of one small LoRA site: peft's layer, the same layer after `runlora_fx.optimize` (state check,
-plan lookup, planned node) and its `LoraLinearRunner` called directly. CPU time (process time, min over
+plan lookup, planned node), its `LoraLinearRunner` called directly, and the tensor ops peft's layer runs, called
+directly ("ops": what is left when every layer's Python is taken away). CPU time (process time, min over
 interleaved rounds: robust under load) and the Python function calls one call makes (deterministic, counted with
 `sys.setprofile`).
 
@@ -14,6 +15,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 ROUNDS, REPS = 9, 300
 
@@ -49,7 +51,8 @@ def _calls(f) -> int:
 
 
 def contenders(n: int = 8, d: int = 32, r: int = 4, p: float = 0.0) -> dict:
-    """{"peft", "optimize", "runner"}: zero-argument calls of one forward of the same site, on the same input."""
+    """{"peft", "optimize", "runner", "ops"}: zero-argument calls of one forward of the same site, on the same
+    input."""
     from peft import LoraConfig, get_peft_model
 
     import runlora_fx
@@ -70,8 +73,11 @@ def contenders(n: int = 8, d: int = 32, r: int = 4, p: float = 0.0) -> dict:
     (site,) = runlora_fx.api.optimized_sites(optimized)
     peft_layer, planned_layer = model.base_model.model.proj, site.module
     weight, adapters = site.params.weight, [(a.lora_a, a.lora_b, a.lora_bias) for a in site.params.adapters]
+    (a_, b_, _), scale = adapters[0], float(peft_layer.scaling["default"])
+    drop = (lambda t: F.dropout(t, p, True)) if p > 0 else (lambda t: t)
     return {"peft": lambda: peft_layer(x), "optimize": lambda: planned_layer(x),
-            "runner": lambda: site.runner(x, weight, None, adapters, True)}
+            "runner": lambda: site.runner(x, weight, None, adapters, True),
+            "ops": lambda: F.linear(x, weight) + F.linear(F.linear(drop(x), a_), b_) * scale}
 
 
 def main(argv: list[str]) -> str:
@@ -96,6 +102,9 @@ def main(argv: list[str]) -> str:
         us = _cpu_us(wrapped)
         lines.append(f"  {mode}: " + ", ".join(
             f"{k} {us[k]:.1f} us ({_calls(f)} py calls, {us[k] / us['peft']:.2f}x peft)" for k, f in wrapped.items()))
+        lines.append(f"    peft's layer Python (peft - ops) {us['peft'] - us['ops']:.1f} us; optimize's state check "
+                     f"and plan lookup (optimize - runner) {us['optimize'] - us['runner']:.1f} us; the planned "
+                     f"node's own cost over the ops (runner - ops) {us['runner'] - us['ops']:.1f} us")
     return "\n".join(lines)
 
 

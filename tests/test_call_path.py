@@ -103,3 +103,21 @@ def test_a_dropout_replaced_by_identity_runs_the_original_forward():
     for m in (model, ref):
         _layer(m).lora_dropout["default"] = torch.nn.Identity()
     _assert_step_matches(model, ref, planned=False)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_call_that_records_no_graph_runs_the_plan_without_an_autograd_node(mode, monkeypatch):
+    """Evaluation and generation skip autograd.Function's per-call cost; the output is the planned one."""
+    from runlora_fx.kernels.dense import PlannedLoraFunction
+
+    model, ref = _pair(dropout=0.0)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    applied = []
+    original = PlannedLoraFunction.forward
+    monkeypatch.setattr(PlannedLoraFunction, "forward", staticmethod(lambda *a: applied.append(1) or original(*a)))
+    with mode():
+        y, want = model(x), ref(x)
+    assert applied == [] and y.grad_fn is None
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    model(x.requires_grad_(True)).sum().backward()  # a training call still builds the node
+    assert applied == [1]

@@ -183,5 +183,9 @@ def run_plan(plan: Plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     A 4-bit base passes its quant state as ``constants={"qs": state}``."""
     sig = plan.lowered.signature
     values = tuple(constants[n] for n in sig.constants) if sig.constants else ()
-    y = PlannedLoraFunction.apply(plan, values, *sig.flatten(x.reshape(-1, plan.spec.in_features), weight, bias, adapters))
+    inputs = sig.flatten(x.reshape(-1, plan.spec.in_features), weight, bias, adapters)
+    if torch.is_grad_enabled():
+        y = PlannedLoraFunction.apply(plan, values, *inputs)
+    else:  # no graph is recorded (evaluation, generation): the forward code alone, without autograd's node
+        y = plan.forward_graph.forward(*inputs, *values)[0]
     return y.view(*x.shape[:-1], plan.spec.out_features)

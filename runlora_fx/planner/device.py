@@ -188,12 +188,19 @@ class DeviceProfile:
         return cls(**d)
 
 
+_CPU_KEYS: dict[int, str] = {}  # thread count -> key: `get_profile` runs at every planned call
+
+
 def device_key(device: torch.device | str) -> str:
     """A stable name for a device: the CPU model and thread count, or the CUDA device name."""
     device = torch.device(device)
     if device.type == "cuda":
         return "cuda-" + torch.cuda.get_device_name(device).replace(" ", "_")
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+    threads = torch.get_num_threads()
+    key = _CPU_KEYS.get(threads)
+    if key is None:
+        key = _CPU_KEYS[threads] = f"cpu-{platform.machine()}-{threads}t"
+    return key
 
 
 def cache_dir() -> Path:
