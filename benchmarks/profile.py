@@ -83,15 +83,20 @@ def _median_ms(fn, repeats: int) -> float:
 def masks(n: int, i: int, repeats: int = 20) -> dict:
     """Milliseconds (median of `repeats`) of the passes a dropout mask costs over an n x i activation: torch's
     draw and the exact kernel's (`kernels.exact_bernoulli`, the same mask; as bytes and in x's dtype, as F.dropout
-    draws it), the fast generator's (as bytes and straight into the float dtype), and x times a byte mask against x
-    times a mask already in x's dtype (the widening copy `cost.widening_time` prices)."""
+    draws it), the fast generator's (as bytes and straight into the float dtype), x times a byte mask against x
+    times a mask already in x's dtype (the widening copy `cost.widening_time` prices), and packing a byte mask to
+    bits and back (the `bits` store; `pack_rate`, `unpack_rate`)."""
     import torch
 
     from runlora_fx.kernels.exact_bernoulli import bernoulli_
+    from runlora_fx.kernels.masks import pack_bits, unpack_bits
     from runlora_fx.kernels.rng import fast_mask, new_seed
 
     ms = lambda fn: _median_ms(fn, repeats)  # noqa: E731
     seed, out = new_seed(torch.device("cpu")), {"shape": f"{n}x{i}"}
+    byte = (torch.rand(n, i) > 0.05).to(torch.uint8)
+    packed = pack_bits(byte)
+    out["bits"] = {"pack_bits": ms(lambda: pack_bits(byte)), "unpack_bits": ms(lambda: unpack_bits(packed, (n, i)))}
     for dt in (torch.float32, torch.bfloat16):
         x = torch.randn(n, i, dtype=dt)
         byte, wide = (torch.rand(n, i) > 0.05).to(torch.uint8), (torch.rand(n, i) > 0.05).to(dt)

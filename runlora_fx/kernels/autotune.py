@@ -2,8 +2,8 @@
 
 Why: the cost model ranks the best few programs of a site within a few percent of each other, and on a real
 device its errors are that large too. Measured site by site on the 60m LLaMA's shapes here, the fastest program
-that saves no more than peft removed 0.05-0.16 more of LoRA's cost than the cost model's pick
-(`python -m benchmarks.ceiling`). So at a site's first call with a new spec, the finalists (`planner.search.
+that saves no more than peft removed 0.01-0.19 more of LoRA's cost than the cost model's pick
+(`python -m benchmarks.ceiling`, four runs in benchmarks/results). So at a site's first call with a new spec, the finalists (`planner.search.
 finalists`: the cost model's choice and the next fastest estimates within the memory budget) run forward and
 backward on random tensors of the spec's shapes, interleaved, and the fastest runs from then on. The choice is
 remembered per (spec, options, device profile), so the sites of a model that share a shape are timed once.

@@ -43,9 +43,9 @@ DEFAULT_RNG_RATE = {"cpu": 5e7, "cuda": 5e10}
 # 6e8 measured on one thread of this machine, unloaded; on a GPU it is as fast as torch's own draw.
 DEFAULT_FAST_RNG_RATE = {"cpu": 3e8, "cuda": 5e10}
 # Mask elements per second through kernels.masks.pack_bits and unpack_bits (a "bits" mask store) until calibrate()
-# measures them. Not memory passes on a CPU: unpacking is a table gather, 2.0-2.5e9 elements/s here over
-# 0.26-2.8 M elements, packing 4.4-6.8e9 (`python -m benchmarks.profile masks`); priced as memory passes they
-# came out 2.5x too cheap at 512 x 512, so the planner took bits where the byte mask measured faster.
+# measures them. Not memory passes on a CPU: unpacking is a table gather, 1.7-2.3e9 elements/s here, packing
+# 2.6-7.8e9 (`python -m benchmarks.profile masks 512 512` and `... 2048 1376`; calibrate() measured 2.5e9 and
+# 8.2e9 over 1 M elements); priced as memory passes, unpacking came out 2.5x too cheap at 512 x 512.
 DEFAULT_PACK_RATE = {"cpu": 4e9, "cuda": 1e11}
 DEFAULT_UNPACK_RATE = {"cpu": 2e9, "cuda": 1e11}
 BITS_CALIBRATION_NUMEL = 1024 * 1024
@@ -404,8 +404,7 @@ def _bits_rates(device: torch.device, budget: float) -> tuple[float, float]:
     shapes = {"m": (n,), "p": (n // 8,), "u": (n,)}
     pack = steps_graph([Step("pack_bits", "p", ("m",))], ["m"], shapes)
     unpack = steps_graph([Step("unpack_bits", "u", ("p",))], ["p"], shapes)
-    packed = pack(mask)
-    packed = packed[0] if isinstance(packed, (tuple, list)) else packed
+    packed = pack(mask)[0]
     return n / _time(lambda: pack(mask), device, budget / 2), n / _time(lambda: unpack(packed), device, budget / 2)
 
 
