@@ -169,10 +169,13 @@ class Case:
             self.layer(self.x).backward(self.g)
         return f
 
-    def fn_runner(self):
+    def fn_runner(self, runner: LoraLinearRunner | None = None):
+        """One step through `runner` (by default the row's own, planned with the default options)."""
+        runner = runner or self.runner
+
         def f():
             self._clear()
-            self.runner(self.x, self.W, None, self.adapters, True).backward(self.g)
+            runner(self.x, self.W, None, self.adapters, True).backward(self.g)
         return f
 
     def fn_plan(self, plan: Plan):
